@@ -1,0 +1,38 @@
+"""The broker's own exceptions.
+
+The core raises these; the web layer maps them to HTTP in exactly one place.
+Every message says what was wrong and, where there is one, the fix.
+"""
+
+from __future__ import annotations
+
+
+class BrokerError(Exception):
+    """Base class.  ``status`` is the HTTP status the web layer answers with."""
+
+    status = 500
+    reason = "error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class SandboxUnavailable(BrokerError):
+    """A sandbox prerequisite is missing.  The broker never starts a kernel
+    without its sandbox; it raises this instead."""
+
+    status = 503
+    reason = "sandbox_unavailable"
+
+    def __init__(self, piece: str, fix: str):
+        super().__init__(f"sandbox prerequisite missing: {piece}. Fix: {fix}")
+        self.piece = piece
+        self.fix = fix
+
+
+class SandboxError(BrokerError):
+    """Setting up a sandbox failed for a reason other than a missing piece."""
+
+    status = 500
+    reason = "sandbox_error"

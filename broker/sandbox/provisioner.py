@@ -1,0 +1,253 @@
+"""The kernel provisioner: jupyter_client's seam for the sandbox.
+
+Registered as ``sandbox-provisioner`` in ``jupyter_client.kernel_provisioners``
+and named by the ``python3-sandbox`` kernelspec, so ``KernelManager``, nbclient,
+papermill and the broker all get the same locked-down kernel from the same
+code.
+
+Per kernel it owns: a runtime folder for the ZeroMQ ``ipc`` sockets (bound at
+``/run/kernel``; paths stable across restarts), the data folder (bound at
+``/mnt/data``), a uid lease (as root), a cgroup, and the quota volume when it
+created one.  ``cleanup(restart=False)`` releases all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from typing import Any
+
+from jupyter_client.provisioning import LocalProvisioner
+from traitlets import Unicode
+
+from broker.errors import SandboxError, SandboxUnavailable
+from broker.sandbox import bwrap as bw
+from broker.sandbox import cgroups, identity, prereq, volume
+from broker.sandbox.settings import SandboxSettings
+
+KERNEL_RT = "/run/kernel"
+IPC_NAME = "k"
+PORTS = {"shell_port": 1, "iopub_port": 2, "stdin_port": 3, "hb_port": 4, "control_port": 5}
+SUN_PATH_MAX = 107
+
+# Passed through from the broker's environment when set: older OpenBLAS
+# builds crash on some processors without them.
+PASSTHROUGH_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def kernel_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The kernel's whole environment: an allow-list, nothing inherited."""
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/tmp",
+        "USER": "sandbox",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "TMPDIR": "/tmp",
+        "IPYTHONDIR": "/tmp/.ipython",
+        "MPLCONFIGDIR": "/tmp/.config/matplotlib",
+        "XDG_CACHE_HOME": "/tmp/.cache",
+        "XDG_CONFIG_HOME": "/tmp/.config",
+        "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+    }
+    for k in PASSTHROUGH_ENV:
+        if k in os.environ:
+            env[k] = os.environ[k]
+    env.update(extra or {})
+    return env
+
+
+def python_paths() -> list[str]:
+    """Host paths the kernel's Python needs, bound read-only at the same paths."""
+    paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
+    import kernel_profile
+
+    paths.add(os.path.dirname(os.path.abspath(kernel_profile.__file__)))
+    for p in sys.path:
+        if p and os.path.isabs(p) and os.path.isdir(p) and not p.startswith(("/usr/", "/tmp")):
+            paths.add(p)
+    return sorted(paths)
+
+
+class SandboxProvisioner(SandboxSettings, LocalProvisioner):
+    """Starts each kernel inside bubblewrap + seccomp + Landlock + cgroup."""
+
+    data_dir = Unicode("", config=True, help="""Host folder shown to the kernel as /mnt/data.
+        Empty (the default): a fresh temporary folder per kernel, removed at shutdown. Also
+        settable with the BROKER_KERNEL_DATA_DIR environment variable or
+        `broker kernelspec install --data-dir`.""")
+
+    _prepared = False
+    _own_root: str | None = None
+    _identity: identity.Identity | None = None
+    _cgroup: cgroups.Cgroup | None = None
+    _mounted_volume = False
+    rt_dir: str = ""
+    sandbox_data_dir: str = ""
+
+    # -- preparation (first start only; restarts reuse it) ------------------
+    def _prepare(self, opts: dict) -> None:
+        self._bwrap = prereq.check_all(self.bwrap)
+        self._tools = prereq.check_root_tools() if prereq.is_root() else {
+            "prlimit": shutil.which("prlimit", path="/usr/bin:/bin")}
+        data_dir = opts.get("data_dir") or self.data_dir or os.environ.get("BROKER_KERNEL_DATA_DIR", "")
+        rt_dir = opts.get("rt_dir", "")
+        if not data_dir or not rt_dir:
+            self._own_root = tempfile.mkdtemp(prefix="broker-kernel-")
+            os.chmod(self._own_root, 0o711)
+        if not data_dir:
+            data_dir = os.path.join(self._own_root, "data")
+        if not rt_dir:
+            rt_dir = os.path.join(self._own_root, "rt")
+        data_dir = os.path.abspath(data_dir)
+        os.makedirs(data_dir, exist_ok=True)
+        os.makedirs(rt_dir, mode=0o700, exist_ok=True)
+        if len(os.path.join(rt_dir, f"{IPC_NAME}-5")) > SUN_PATH_MAX:
+            raise SandboxError(f"runtime folder {rt_dir} is too long for unix sockets "
+                               f"(at most {SUN_PATH_MAX - 4} characters); use a shorter data root")
+        self.sandbox_data_dir, self.rt_dir = data_dir, rt_dir
+
+        if prereq.is_root():
+            owner = os.stat(data_dir).st_uid
+            self._identity = identity.lease_uid(os.path.join(self.state_dir, "uids"), self.uid_range_start,
+                                                self.uid_range_size, preferred=owner)
+            ident = self._identity
+            want_quota = self.quota in ("auto", "loop")
+            if want_quota:
+                self._mounted_volume = volume.ensure(data_dir, self.data_quota, ident.uid, ident.gid, self._tools)
+                if not self._mounted_volume and not volume.is_mounted(data_dir):
+                    msg = f"{data_dir} already holds files and has no quota image; only RLIMIT_FSIZE caps it"
+                    if self.quota == "loop":
+                        raise SandboxError(msg)
+                    self.log.warning(msg)
+            if os.stat(data_dir).st_uid != ident.uid:
+                identity.chown_tree(data_dir, ident.uid, ident.gid)
+            os.chown(rt_dir, ident.uid, ident.gid)
+            os.chmod(data_dir, 0o700)
+            os.makedirs(os.path.join(self.state_dir, "stage"), mode=0o755, exist_ok=True)
+        else:
+            self._identity = identity.current_identity()
+
+        if self.cgroups != "off":
+            version = cgroups.detect()
+            if version is None:
+                if self.cgroups == "required":
+                    raise SandboxUnavailable("a writable cgroup (v2 or v1 memory+pids controllers)",
+                                             "run the broker as root or in a delegated cgroup subtree")
+                self.log.warning("no writable cgroup: memory, pids and CPU are capped by rlimits only")
+            else:
+                try:
+                    self._cgroup = cgroups.Cgroup.create(f"k-{self.kernel_id or uuid.uuid4()}", self.memory_limit,
+                                                         self.pids_limit, self.cpu_limit, version)
+                except OSError as exc:
+                    if self.cgroups == "required":
+                        raise SandboxUnavailable(f"a per-sandbox cgroup ({exc})", "see docs/security.md") from exc
+                    self.log.warning("cgroup not created (%s): rlimits only", exc)
+        self._prepared = True
+
+    def _rlimits(self) -> dict[str, int]:
+        limits = {"as": self.effective_address_space, "fsize": self.effective_file_size,
+                  "nofile": self.open_files_limit, "core": 0}
+        if prereq.is_root():
+            # RLIMIT_NPROC counts per real uid, host-wide: meaningful only
+            # with a uid of the sandbox's own.
+            limits["nproc"] = self.pids_limit
+        return limits
+
+    # -- jupyter_client provisioner API --------------------------------------
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        opts = kwargs.pop("sandbox", None) or {}
+        if not self._prepared:
+            self._prepare(opts)
+        km = self.parent
+        km.transport = "ipc"
+        km.ip = os.path.join(self.rt_dir, IPC_NAME)
+        for name, port in PORTS.items():
+            setattr(km, name, port)
+        self.ports_cached = False  # nothing taken from LocalPortCache
+        saved_cache = km.cache_ports
+        km.cache_ports = False
+        try:
+            kwargs = await super().pre_launch(**kwargs)
+        finally:
+            km.cache_ports = saved_cache
+        kwargs.pop("env", None)  # the host environment never reaches the kernel
+        kwargs.pop("cwd", None)
+
+        info = dict(km.get_connection_info())
+        info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else info["key"]
+        info["ip"] = os.path.join(KERNEL_RT, IPC_NAME)
+        info["transport"] = "ipc"
+        kernel_cf = "/run/sandbox/kernel.json"
+        info.pop("kernel_name", None)
+        import broker_seccomp
+
+        argv = [a.replace("{connection_file}", kernel_cf) for a in self.kernel_spec.argv]
+        self._spec = bw.SandboxSpec(
+            command=argv,
+            data_dir=self.sandbox_data_dir,
+            rt_dir=self.rt_dir,
+            env=kernel_env(),
+            ro_paths=python_paths(),
+            files={"kernel.json": json.dumps(info).encode(),
+                   "kernel.bpf": broker_seccomp.compile_profile(self.seccomp_profile)},
+            tmp_size=self.tmp_size,
+            shm_size=self.shm_size,
+        )
+        if not self.landlock:
+            self._spec.command = self._spec.command + ["--landlock=off"]
+        kwargs["cmd"] = argv
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any):
+        import subprocess
+
+        ident = self._identity
+        launch = bw.launch(self._spec, bwrap=self._bwrap, uid=ident.uid, gid=ident.gid,
+                           as_root=prereq.is_root(), rlimits=self._rlimits(),
+                           procs_files=self._cgroup.procs_files if self._cgroup else [],
+                           stage_dir=os.path.join(self.state_dir, "stage"), tools=self._tools)
+        try:
+            self.process = subprocess.Popen(
+                launch.argv, env=launch.env, pass_fds=launch.pass_fds, stdin=subprocess.DEVNULL,
+                stdout=kwargs.get("stdout"), stderr=kwargs.get("stderr"), start_new_session=True,
+                close_fds=True, cwd="/")
+        finally:
+            launch.close_fds()
+        self.pid = self.process.pid
+        self.pgid = self.pid
+        self.cwd = self.sandbox_data_dir
+        return self.connection_info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self._cgroup:
+            self._cgroup.kill_all()
+        if restart:
+            return
+        if self._cgroup:
+            self._cgroup.remove()
+            self._cgroup = None
+        if self._mounted_volume:
+            volume.unmount(self.sandbox_data_dir)
+            self._mounted_volume = False
+        if self._identity:
+            self._identity.release()
+            self._identity = None
+        if self._own_root:
+            img = volume.image_path(self.sandbox_data_dir)
+            if os.path.dirname(img) == self._own_root and os.path.exists(img):
+                os.unlink(img)
+            shutil.rmtree(self._own_root, ignore_errors=True)
+            self._own_root = None
+        self._prepared = False
+
+    async def get_provisioner_info(self) -> dict:
+        info = await super().get_provisioner_info()
+        info.update({"data_dir": self.sandbox_data_dir, "rt_dir": self.rt_dir})
+        return info

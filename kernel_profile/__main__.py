@@ -1,0 +1,3 @@
+from kernel_profile.boot import main
+
+main()
