@@ -1,0 +1,58 @@
+# Two commands matter: `make run` (start the broker) and `make test` (the whole suite).
+# Both create .venv, install what is missing, and install the project.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+SYSPKGS := bubblewrap libseccomp2 util-linux e2fsprogs
+PYTEST_ARGS ?=
+
+.PHONY: run test install system-deps kernelspec bench bench-quick clean
+
+run: install
+	$(BIN)/broker serve
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install: system-deps $(STAMP)
+
+# The sandbox needs bubblewrap (Debian package `bubblewrap`), libseccomp and,
+# as root, util-linux and e2fsprogs.  As root we install them; otherwise we say
+# exactly what to run.
+system-deps:
+	@missing=""; \
+	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
+	ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] || missing="$$missing libseccomp2"; \
+	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "missing system packages:$$missing"; \
+	    echo "run: sudo apt-get install -y$$missing"; \
+	    exit 1; \
+	  fi; \
+	fi
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "broker needs Python 3.11 or newer (PYTHON=$(PYTHON))")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e ".[kernel,test]"
+	$(BIN)/broker kernelspec install --sys-prefix
+	touch $(STAMP)
+
+kernelspec: install
+	$(BIN)/broker kernelspec install --sys-prefix
+
+bench: install
+	$(BIN)/python bench/run_all.py
+
+bench-quick: install
+	$(BIN)/python bench/run_all.py --quick
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,115 @@
+"""Shared fixtures: real sandboxed kernels, real listeners on loopback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+import pytest
+
+from tests.harness import SandboxKernel
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernelspec_installed():
+    """The suite runs against the installed python3-sandbox kernelspec."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        KernelSpecManager().get_kernel_spec("python3-sandbox")
+    except NoSuchKernel:
+        import sys
+
+        from broker import kernelspec
+
+        kernelspec.install(prefix=sys.prefix)
+
+
+def _kernel(request, hooked: bool):
+    k = SandboxKernel()
+    if not hooked:
+        k.neutralise_hook()
+    request.addfinalizer(k.shutdown)
+    return k
+
+
+@pytest.fixture(scope="module")
+def hooked_kernel(request):
+    return _kernel(request, True)
+
+
+@pytest.fixture(scope="module")
+def unhooked_kernel(request):
+    return _kernel(request, False)
+
+
+@pytest.fixture(params=["hook", "no-hook"])
+def kernel(request):
+    """A module-scoped sandboxed kernel, once with the audit hook in place and
+    once after the test neutralised it.  A case that kills the kernel gets
+    it restarted (and the hook neutralised again) for the next case."""
+    k = request.getfixturevalue("hooked_kernel" if request.param == "hook" else "unhooked_kernel")
+    if not k.km.is_alive() or not k.answers():
+        k.restart()
+        if request.param == "no-hook":
+            k.neutralise_hook()
+    yield k
+
+
+@pytest.fixture
+def sandbox_kernel():
+    """A fresh kernel for one test."""
+    k = SandboxKernel()
+    yield k
+    k.shutdown()
+
+
+class Listener:
+    """A TCP or unix listener on the host that records every connection."""
+
+    def __init__(self, family, address):
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(address)
+        self.sock.listen(16)
+        self.sock.settimeout(0.2)
+        self.address = self.sock.getsockname()
+        self.connections = 0
+        self._stop = False
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (socket.timeout, OSError):
+                continue
+            self.connections += 1
+            try:
+                conn.sendall(b"HELLO-FROM-HOST\n")
+            finally:
+                conn.close()
+
+    def close(self):
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+
+@pytest.fixture(scope="session")
+def host_listeners():
+    """Host services the sandbox must not reach: TCP on 127.0.0.1 and [::1],
+    and an abstract unix socket."""
+    made = {"tcp4": Listener(socket.AF_INET, ("127.0.0.1", 0))}
+    try:
+        made["tcp6"] = Listener(socket.AF_INET6, ("::1", 0))
+    except OSError:
+        pass
+    name = f"\0broker-test-{os.getpid()}"
+    made["abstract"] = Listener(socket.AF_UNIX, name)
+    made["abstract"].address = name
+    yield made
+    for item in made.values():
+        item.close()
