@@ -31,6 +31,27 @@ def _broker_sandbox_startup():
     for name in ("pip", "conda", "mamba", "uv"):
         register_line_magic(name)(_no_install)
 
+    # Figures are shown by plt.show() (or display(fig)) only.  matplotlib-inline
+    # would otherwise display every figure drawn in interactive mode at the end
+    # of the cell, so a chart saved with savefig came back a second time as an
+    # image.  Registered before the backend's own post_execute hook (which is
+    # added when pyplot is first imported), this runs first: it drops the
+    # pending auto-display and closes the figures left open, as the inline
+    # backend does after showing them.
+    def _no_auto_display():
+        import sys
+
+        inline = sys.modules.get("matplotlib_inline.backend_inline")
+        if inline is None:
+            return
+        inline.show._draw_called = False
+        inline.show._to_draw = []
+        plt = sys.modules.get("matplotlib.pyplot")
+        if plt is not None and plt.get_fignums():
+            plt.close("all")
+
+    ip.events.register("post_execute", _no_auto_display)
+
 
 _broker_sandbox_startup()
 del _broker_sandbox_startup

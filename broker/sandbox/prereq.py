@@ -74,7 +74,9 @@ def check_seccomp() -> None:
 
         broker_seccomp.compile_profile("kernel")
         broker_seccomp.compile_profile("shell")
-    except (ImportError, OSError, AttributeError, TypeError) as exc:
+    except (ImportError, OSError, AttributeError, TypeError, RuntimeError) as exc:
+        # pyseccomp raises RuntimeError("Unable to find libseccomp") on import
+        # when the library is not installed at all.
         raise SandboxUnavailable(f"libseccomp (compiling the seccomp profiles failed: {exc})",
                                  _install_hint("libseccomp2")) from None
 
