@@ -1,8 +1,10 @@
 """The ``broker`` command line: the composition root.
 
 Subcommands:
+  broker serve                run the broker service (what `make run` starts)
   broker kernelspec install   install the python3-sandbox kernelspec
   broker check                check every sandbox prerequisite and say what is missing
+  broker openapi              print the OpenAPI document
 """
 
 from __future__ import annotations
@@ -10,7 +12,12 @@ from __future__ import annotations
 import json
 import sys
 
-from traitlets import Bool, Unicode
+import asyncio
+import os
+import secrets
+import signal
+
+from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode, default
 from traitlets.config import Application, catch_config_error
 
 from broker import __version__
@@ -73,15 +80,182 @@ class CheckApp(Application):
                           "landlock_abi": lockdown.landlock_abi()}, indent=2))
 
 
+class BrokerState:
+    """What the handlers share: the collaborators the app composed."""
+
+    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str):
+        self.sessions = sessions
+        self.auth = auth
+        self.signer = signer
+        self.public_url = public_url
+        self.inline_images = inline_images
+
+
+class ServeApp(Application):
+    name = "broker-serve"
+    description = "Run the broker: sessions with a sandboxed kernel each, over REST."
+
+    ip = Unicode("127.0.0.1", config=True, help="Address to listen on.")
+    port = Integer(8888, min=0, max=65535, config=True, help="Port to listen on (0 picks a free one).")
+    token = Unicode(config=True, help="""The API token (owner 'default'). Also read from the BROKER_TOKEN
+        environment variable. With neither a token nor a tokens_file, a random token is generated and
+        printed; the broker is never open.""")
+    tokens_file = Unicode("", config=True, help="""JSON file mapping tokens to owners, e.g.
+        {"tok-alice": "alice", "tok-bob": "bob"}. Each session belongs to the owner that made it.""")
+    public_url = Unicode("", config=True, help="""Base URL used in links handed out in results (e.g. when
+        behind a proxy). Default: the scheme and host of each request.""")
+    inline_images = CaselessStrEnum(["url", "data"], default_value="url", config=True, help="""How tool results
+        carry images by default: signed download URLs, or data: URIs. Per call: ?images=url|data.""")
+    link_ttl = Float(24 * 3600, min=60, config=True, help="Seconds a signed download link stays valid.")
+
+    @default("token")
+    def _default_token(self):
+        return os.environ.get("BROKER_TOKEN", "")
+
+    aliases = {
+        "ip": "ServeApp.ip",
+        "port": "ServeApp.port",
+        "token": "ServeApp.token",
+        "tokens-file": "ServeApp.tokens_file",
+        "data-root": "SessionManager.data_root",
+        "public-url": "ServeApp.public_url",
+        "config": "ServeApp.config_file",
+    }
+    config_file = Unicode("", config=True, help="Load this Python or JSON config file.")
+
+    @property
+    def classes(self):
+        return serve_classes()
+
+    @catch_config_error
+    def initialize(self, argv=None):
+        super().initialize(argv)
+        if self.config_file:
+            self.load_config_file(self.config_file)
+            # the command line wins over the file
+            self.update_config(self.cli_config)
+        self.init_sandbox_check()
+        self.init_auth()
+        self.init_sessions()
+        self.init_webapp()
+
+    def init_sandbox_check(self):
+        from broker.errors import SandboxUnavailable
+        from broker.sandbox import prereq
+
+        try:
+            prereq.check_all(SandboxSettings(parent=self).bwrap)
+        except SandboxUnavailable as exc:
+            self.log.critical(exc.message)
+            self.exit(1)
+
+    def init_auth(self):
+        from broker.web.base import Auth
+
+        tokens = {}
+        if self.tokens_file:
+            with open(self.tokens_file) as fh:
+                data = json.load(fh)
+            if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+                raise SystemExit(f"{self.tokens_file}: must be a JSON object mapping token strings to owner names")
+            tokens.update(data)
+        if self.token:
+            tokens[self.token] = "default"
+        self.generated_token = None
+        if not tokens:
+            self.generated_token = secrets.token_hex(24)
+            tokens[self.generated_token] = "default"
+        self.auth = Auth(tokens)
+
+    def init_sessions(self):
+        from broker.links import LinkSigner
+        from broker.sessions import SessionManager
+
+        self.sessions = SessionManager(parent=self)
+        n = self.sessions.restore()
+        if n:
+            self.log.info("restored %d session(s) from %s", n, self.sessions.data_root)
+        self.signer = LinkSigner(ttl=self.link_ttl)
+
+    def init_webapp(self):
+        self.state = BrokerState(self.sessions, self.auth, self.signer, self.public_url.rstrip("/"),
+                                 self.inline_images)
+        self.web_app = make_web_app(self.state)
+
+    def start(self):
+        asyncio.run(self._serve())
+
+    async def _serve(self):
+        from tornado.httpserver import HTTPServer
+
+        server = HTTPServer(self.web_app, max_body_size=self.sessions.max_upload_bytes + (1 << 20),
+                            xheaders=False)
+        sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        host = f"[{self.ip}]" if ":" in self.ip else self.ip
+        url = f"http://{host}:{port}/"
+        self.sessions.start_culler()
+        print(f"broker {__version__} listening on {url}", flush=True)
+        print(f"    data root: {self.sessions.data_root}", flush=True)
+        if self.generated_token:
+            print(f"    token: {self.generated_token}", flush=True)
+            print(f"    try: curl -X POST -H 'Authorization: Bearer {self.generated_token}' {url}api/sessions",
+                  flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.log.info("shutting down: stopping kernels (session files are kept)")
+        server.stop()
+        await self.sessions.shutdown()
+
+
+def make_web_app(state):
+    from tornado import web
+
+    from broker.web import files, openapi, sessions
+    from broker.web.base import NotFoundHandler
+    from broker.web.root import RootHandler
+
+    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes]
+    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
+                           websocket_ping_interval=30, compress_response=False)
+
+
+def serve_classes():
+    from broker.execution import Executor
+    from broker.sandbox.provisioner import SandboxProvisioner
+    from broker.sessions import SessionManager
+
+    return [ServeApp, SessionManager, Executor, SandboxSettings, SandboxProvisioner]
+
+
+class OpenAPIApp(Application):
+    name = "broker-openapi"
+    description = "Print the OpenAPI document (the same one served at /api/openapi.json)."
+
+    def start(self):
+        from broker.web.openapi import document
+
+        print(json.dumps(document(), indent=2, sort_keys=True))
+
+
 class BrokerApp(Application):
     name = "broker"
     version = __version__
     description = "A self-hosted code interpreter: one locked-down IPython kernel per session."
-    classes = [SandboxSettings]
     subcommands = {
+        "serve": (ServeApp, ServeApp.description),
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "check": (CheckApp, CheckApp.description),
+        "openapi": (OpenAPIApp, OpenAPIApp.description),
     }
+
+    @property
+    def classes(self):
+        return serve_classes()
 
     @catch_config_error
     def initialize(self, argv=None):

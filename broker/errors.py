@@ -36,3 +36,37 @@ class SandboxError(BrokerError):
 
     status = 500
     reason = "sandbox_error"
+
+
+class InvalidArgument(BrokerError):
+    """A request field is missing, of the wrong type or out of range."""
+
+    status = 400
+    reason = "invalid_argument"
+
+    def __init__(self, message: str, field: str | None = None, allowed: str | None = None):
+        super().__init__(message)
+        self.field = field
+        self.allowed = allowed
+
+
+class NotFound(BrokerError):
+    status = 404
+    reason = "not_found"
+
+
+class SessionNotFound(NotFound):
+    reason = "session_not_found"
+
+    def __init__(self, session_id: str):
+        super().__init__(f"no session {session_id!r} (it may have expired after its idle timeout, or belong to another owner)")
+
+
+class TooManySessions(BrokerError):
+    status = 429
+    reason = "too_many_sessions"
+
+
+class SessionBusy(BrokerError):
+    status = 409
+    reason = "session_busy"

@@ -13,6 +13,7 @@ created one.  ``cleanup(restart=False)`` releases all of them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -63,13 +64,32 @@ def kernel_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@functools.lru_cache(maxsize=1)
+def _isolated_sys_path() -> tuple[str, ...]:
+    """``sys.path`` as ``python -I`` (the kernel's interpreter) builds it: the
+    standard library, site-packages and what their ``.pth`` files add.  Not
+    this process's own ``sys.path``, which also holds the script folder, the
+    working directory (``python -m``), ``PYTHONPATH`` and runtime insertions
+    (pytest's rootdir): binding those would show the sandbox the broker's
+    checkout, its configuration or whatever folder it was started from."""
+    import subprocess
+
+    try:
+        out = subprocess.run([sys.executable, "-I", "-c", "import sys, json; print(json.dumps(sys.path))"],
+                             capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"},
+                             cwd="/", check=True).stdout
+        return tuple(json.loads(out))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return ()
+
+
 def python_paths() -> list[str]:
     """Host paths the kernel's Python needs, bound read-only at the same paths."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
     import kernel_profile
 
     paths.add(os.path.dirname(os.path.abspath(kernel_profile.__file__)))
-    for p in sys.path:
+    for p in _isolated_sys_path():
         if p and os.path.isabs(p) and os.path.isdir(p) and not p.startswith(("/usr/", "/tmp")):
             paths.add(p)
     return sorted(paths)

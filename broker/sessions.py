@@ -1,0 +1,248 @@
+"""Sessions: one sandboxed kernel and one data folder each, with an owner.
+
+On disk, under the data root::
+
+    <data_root>/<id>/meta.json        owner, times (written atomically)
+    <data_root>/<id>/data/            /mnt/data (a mounted quota image as root)
+    <data_root>/<id>/data.img         the quota image
+    <data_root>/<id>/rt/              the kernel's ZeroMQ ipc sockets
+
+A broker restart loses no files: sessions are read back from the data root
+and their kernels start again on first use.  Sessions idle for longer than
+the cooldown are deleted, files and all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+
+from traitlets import Float, Integer, Unicode, default
+from traitlets.config import LoggingConfigurable
+
+from broker.errors import SessionNotFound, TooManySessions
+from broker.execution import Executor, SessionKernel
+from broker.files import SessionFiles
+from broker.sandbox import prereq, volume
+from broker.sandbox.settings import ByteSize
+
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+def _iso(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+class Session:
+    def __init__(self, manager: "SessionManager", sid: str, owner: str, created: float, last_activity: float):
+        self.manager = manager
+        self.id = sid
+        self.owner = owner
+        self.created = created
+        self.last_activity = last_activity
+        self.dir = os.path.join(manager.data_root, sid)
+        self.data_dir = os.path.join(self.dir, "data")
+        self.rt_dir = os.path.join(self.dir, "rt")
+        self.kernel: SessionKernel | None = None
+        self.lock = asyncio.Lock()          # one execution at a time
+        self._start_lock = asyncio.Lock()
+        self.deleted = False
+
+    # -- state ----------------------------------------------------------------
+    @property
+    def expires_at(self) -> float:
+        return self.last_activity + self.manager.idle_timeout_minutes * 60
+
+    @property
+    def state(self) -> str:
+        if self.deleted:
+            return "deleted"
+        if self.kernel is None or not self.kernel.km.has_kernel:
+            return "stopped"
+        return "busy" if self.lock.locked() else "idle"
+
+    def model(self) -> dict:
+        return {"id": self.id, "created": _iso(self.created), "last_activity": _iso(self.last_activity),
+                "expires_at": _iso(self.expires_at), "state": self.state}
+
+    def touch(self) -> None:
+        self.last_activity = time.time()
+
+    @property
+    def files(self) -> SessionFiles:
+        st = os.stat(self.data_dir)
+        owner = (st.st_uid, st.st_gid) if prereq.is_root() and st.st_uid != 0 else None
+        return SessionFiles(self.data_dir, owner=owner, max_upload=self.manager.max_upload_bytes,
+                            max_read=self.manager.max_read_bytes)
+
+    def save(self) -> None:
+        meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity}
+        tmp = os.path.join(self.dir, f".meta.{secrets.token_hex(4)}.json")
+        with open(tmp, "w") as fh:
+            json.dump(meta, fh)
+        os.replace(tmp, os.path.join(self.dir, "meta.json"))
+
+    # -- kernel -----------------------------------------------------------------
+    async def ensure_kernel(self) -> SessionKernel:
+        async with self._start_lock:
+            if self.kernel is None:
+                self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id)
+            if not self.kernel.km.has_kernel:
+                await self.kernel.start()
+            elif not await self.kernel.is_alive():
+                await self.kernel.restart()
+            return self.kernel
+
+    async def stop_kernel(self) -> None:
+        if self.kernel is not None:
+            await self.kernel.shutdown()
+            self.kernel = None
+
+
+class SessionManager(LoggingConfigurable):
+    """Creates, finds, lists, culls and deletes sessions."""
+
+    data_root = Unicode(config=True, help="""Folder holding every session (one sub-folder each). Must be
+        on a local file system; sessions and their files survive a broker restart.""")
+
+    @default("data_root")
+    def _default_data_root(self):
+        base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+        return os.path.join(base, "broker", "sessions")
+
+    idle_timeout_minutes = Integer(20, min=5, max=60, config=True, help="""Idle cooldown: a session with no
+        call for this many minutes is deleted with its files. Every call resets it. 5 to 60.""")
+    max_sessions = Integer(100, min=1, config=True, help="Sessions alive at once, all owners together (429 past it).")
+    max_sessions_per_owner = Integer(20, min=1, config=True, help="Sessions alive at once for one owner (429 past it).")
+    cull_interval = Float(30.0, min=0.1, config=True, help="Seconds between checks for idle sessions.")
+    max_upload_bytes = ByteSize(128 << 20, config=True, help="Largest file accepted by an upload (413 past it).")
+    max_read_bytes = ByteSize(128 << 20, config=True, help="Largest file the broker serves or reads back.")
+    shell_output_limit = ByteSize(1 << 20, config=True, help="""Bytes of output (stdout and stderr together) one
+        RunShellCommand may produce; past it the command is killed and the output marked truncated.""")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.sessions: dict[str, Session] = {}
+        self._lock = asyncio.Lock()
+        self._reserved = 0
+        self.executor = Executor(parent=self)
+        self._cull_task: asyncio.Task | None = None
+
+    # -- lifecycle ----------------------------------------------------------------
+    def restore(self) -> int:
+        """Read back sessions left on disk by an earlier run."""
+        os.makedirs(self.data_root, mode=0o711, exist_ok=True)
+        n = 0
+        for sid in os.listdir(self.data_root):
+            meta_path = os.path.join(self.data_root, sid, "meta.json")
+            if not ID_RE.match(sid) or not os.path.isfile(meta_path):
+                continue
+            try:
+                with open(meta_path) as fh:
+                    meta = json.load(fh)
+                s = Session(self, sid, meta["owner"], meta["created"], meta["last_activity"])
+            except (OSError, ValueError, KeyError) as exc:
+                self.log.warning("skipping session folder %s: %s", sid, exc)
+                continue
+            self._mount(s)
+            self.sessions[sid] = s
+            n += 1
+        return n
+
+    def _mount(self, s: Session) -> None:
+        if prereq.is_root() and os.path.exists(volume.image_path(s.data_dir)):
+            st = os.stat(volume.image_path(s.data_dir))
+            volume.ensure(s.data_dir, 0, st.st_uid, st.st_gid, prereq.check_root_tools())
+
+    def start_culler(self) -> None:
+        if self._cull_task is None:
+            self._cull_task = asyncio.ensure_future(self._cull_loop())
+
+    async def _cull_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cull_interval)
+            try:
+                await self.cull_idle()
+            except Exception:  # keep culling whatever one session did
+                self.log.exception("culling failed")
+
+    async def cull_idle(self) -> list[str]:
+        now = time.time()
+        culled = []
+        for s in list(self.sessions.values()):
+            if s.expires_at <= now and not s.lock.locked():
+                self.log.info("session %s idle since %s: deleting", s.id, _iso(s.last_activity))
+                await self._delete(s)
+                culled.append(s.id)
+        return culled
+
+    async def shutdown(self) -> None:
+        """Stop every kernel; session folders stay for the next run."""
+        if self._cull_task:
+            self._cull_task.cancel()
+            self._cull_task = None
+        await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
+        if prereq.is_root():
+            for s in self.sessions.values():
+                volume.unmount(s.data_dir)
+
+    # -- operations ------------------------------------------------------------------
+    async def create(self, owner: str) -> Session:
+        async with self._lock:
+            owned = sum(1 for s in self.sessions.values() if s.owner == owner)
+            if len(self.sessions) + self._reserved >= self.max_sessions:
+                raise TooManySessions(f"the broker holds its maximum of {self.max_sessions} sessions "
+                                      "(SessionManager.max_sessions); delete one or wait for idle ones to expire")
+            if owned >= self.max_sessions_per_owner:
+                raise TooManySessions(f"you hold the maximum of {self.max_sessions_per_owner} sessions per owner "
+                                      "(SessionManager.max_sessions_per_owner); delete one first")
+            self._reserved += 1
+        try:
+            sid = secrets.token_urlsafe(16)
+            now = time.time()
+            s = Session(self, sid, owner, now, now)
+            os.makedirs(s.data_dir, mode=0o700)
+            os.makedirs(s.rt_dir, mode=0o700)
+            os.chmod(s.dir, 0o711)
+            s.save()
+            try:
+                await s.ensure_kernel()
+            except BaseException:
+                await s.stop_kernel()
+                self._remove_dir(s)
+                raise
+            self.sessions[sid] = s
+            return s
+        finally:
+            self._reserved -= 1
+
+    def get(self, sid: str, owner: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.owner != owner or s.deleted:
+            raise SessionNotFound(sid)
+        return s
+
+    def list(self, owner: str) -> list[Session]:
+        return sorted((s for s in self.sessions.values() if s.owner == owner), key=lambda s: s.created)
+
+    async def delete(self, sid: str, owner: str) -> None:
+        await self._delete(self.get(sid, owner))
+
+    async def _delete(self, s: Session) -> None:
+        s.deleted = True
+        self.sessions.pop(s.id, None)
+        await s.stop_kernel()
+        self._remove_dir(s)
+
+    def _remove_dir(self, s: Session) -> None:
+        if prereq.is_root():
+            volume.unmount(s.data_dir)
+        shutil.rmtree(s.dir, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""The web layer: parse, authorise, call the layer below, serialise."""

@@ -1,0 +1,140 @@
+"""The OpenAPI 3 document, generated from the tool definitions so the two
+cannot drift; served at /api/openapi.json and kept in docs/openapi.json."""
+
+from __future__ import annotations
+
+from broker import __version__
+from broker.tools import TOOLS
+from broker.web.base import BaseHandler
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def _resp(desc, schema=None, ctype="application/json"):
+    r = {"description": desc}
+    if schema is not None:
+        r["content"] = {ctype: {"schema": schema}}
+    return r
+
+
+def _errors(*codes):
+    text = {400: "Bad input: the message names the field and what is allowed", 401: "Missing or wrong token",
+            404: "No such session (or it belongs to another owner), tool or file", 409: "Conflict",
+            413: "Too large", 429: "Session limit reached", 503: "Sandbox prerequisite missing",
+            507: "/mnt/data is full"}
+    return {str(c): _resp(text[c], ERROR) for c in codes}
+
+
+def document() -> dict:
+    sid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Session id"}
+    fpath = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
+             "description": "File path relative to /mnt/data"}
+    paths: dict = {
+        "/api/sessions": {
+            "get": {"summary": "List the caller's sessions", "responses": {
+                "200": _resp("Sessions", {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}),
+                **_errors(401)}},
+            "post": {"summary": "Create a session (a sandboxed kernel and its /mnt/data)", "responses": {
+                "201": _resp("Created; Location header points at it", {"$ref": "#/components/schemas/Session"}),
+                **_errors(401, 429, 503)}},
+        },
+        "/api/sessions/{id}": {
+            "parameters": [sid],
+            "get": {"summary": "Get a session", "responses": {
+                "200": _resp("Session", {"$ref": "#/components/schemas/Session"}), **_errors(401, 404)}},
+            "delete": {"summary": "Delete a session, its kernel and its files", "responses": {
+                "204": _resp("Deleted"), **_errors(401, 404)}},
+        },
+        "/api/sessions/{id}/files": {
+            "parameters": [sid],
+            "get": {"summary": "List files in /mnt/data", "responses": {
+                "200": _resp("Files", {"type": "array", "items": {"$ref": "#/components/schemas/FileInfo"}}),
+                **_errors(401, 404)}},
+            "post": {"summary": "Multipart upload (field 'file'; optional field 'path')",
+                     "requestBody": {"content": {"multipart/form-data": {"schema": {
+                         "type": "object", "properties": {"file": {"type": "string", "format": "binary"},
+                                                          "path": {"type": "string"}}}}}},
+                     "responses": {"201": _resp("Uploaded", {"$ref": "#/components/schemas/Upload"}),
+                                   **_errors(400, 401, 404, 413, 507)}},
+        },
+        "/api/sessions/{id}/files/{path}": {
+            "parameters": [sid, fpath],
+            "get": {"summary": "Download a file (token, or a signed link from a tool result)",
+                    "parameters": [{"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
+                                   for q in ("exp", "sig", "name")],
+                    "responses": {"200": _resp("The file", {"type": "string", "format": "binary"},
+                                               "application/octet-stream"), **_errors(400, 401, 404, 413)}},
+            "put": {"summary": "Upload a file (raw body)", "requestBody": {"content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                    "responses": {"201": _resp("Uploaded", {"$ref": "#/components/schemas/Upload"}),
+                                  **_errors(400, 401, 404, 413, 507)}},
+            "delete": {"summary": "Delete a file or folder", "responses": {"204": _resp("Deleted"),
+                                                                           **_errors(400, 401, 404)}},
+        },
+    }
+    schemas: dict = {
+        "Error": {"type": "object", "required": ["message", "reason"], "properties": {
+            "message": {"type": "string"}, "reason": {"type": "string"}, "field": {"type": "string"},
+            "allowed": {"type": "string"}}},
+        "Session": {"type": "object", "required": ["id", "created", "last_activity", "expires_at", "state"],
+                    "properties": {"id": {"type": "string"}, "created": {"type": "string", "format": "date-time"},
+                                   "last_activity": {"type": "string", "format": "date-time"},
+                                   "expires_at": {"type": "string", "format": "date-time"},
+                                   "state": {"type": "string", "enum": ["idle", "busy", "stopped"]}}},
+        "FileInfo": {"type": "object", "properties": {
+            "name": {"type": "string"}, "path": {"type": "string"}, "size": {"type": "integer"},
+            "modified": {"type": "string", "format": "date-time"}, "type": {"type": "string"},
+            "url": {"type": "string"}}},
+        "Upload": {"type": "object", "properties": {"path": {"type": "string"}, "size": {"type": "integer"},
+                                                    "sha256": {"type": "string"}}},
+        "ToolResult": {"type": "object", "required": ["status", "markdown", "tool"], "properties": {
+            "tool": {"type": "string"},
+            "status": {"type": "string", "enum": ["success", "error", "timeout"]},
+            "markdown": {"type": "string", "description": "Ready to show: output, inline images, file links"},
+            "stdout": {"type": "string"}, "stderr": {"type": "string"},
+            "result": {"type": "string", "nullable": True},
+            "error": {"type": "object", "nullable": True, "properties": {
+                "ename": {"type": "string"}, "evalue": {"type": "string"}, "traceback": {"type": "string"}}},
+            "images": {"type": "array", "items": {"$ref": "#/components/schemas/FileInfo"}},
+            "files": {"type": "array", "items": {"$ref": "#/components/schemas/FileInfo"}},
+            "execution_count": {"type": "integer", "nullable": True},
+            "duration_ms": {"type": "integer"}, "exit_code": {"type": "integer", "nullable": True},
+            "notice": {"type": "string"}}, "additionalProperties": True},
+    }
+    for name, tool in TOOLS.items():
+        schemas[name] = {"type": "object", "additionalProperties": False,
+                         "required": [p.name for p in tool.params if p.required],
+                         "properties": {p.name: p.schema() for p in tool.params}}
+        paths[f"/api/sessions/{{id}}/tools/{name}"] = {
+            "parameters": [sid],
+            "post": {"summary": tool.description, "operationId": name,
+                     "parameters": [{"name": "images", "in": "query", "required": False,
+                                     "schema": {"type": "string", "enum": ["url", "data"]},
+                                     "description": "Return images as signed URLs (default) or data: URIs"}],
+                     "requestBody": {"required": True, "content": {"application/json": {
+                         "schema": {"$ref": f"#/components/schemas/{name}"}}}},
+                     "responses": {"200": _resp("Tool result", {"$ref": "#/components/schemas/ToolResult"}),
+                                   **_errors(400, 401, 404, 409, 503)}}}
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "broker", "version": __version__,
+                 "description": "A self-hosted code interpreter: sessions with a sandboxed Python kernel and "
+                                "/mnt/data, and the eight code-interpreter tools."},
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {"schemas": schemas, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <token> "
+                       "(or: token <token>)"}}},
+    }
+
+
+class OpenAPIHandler(BaseHandler):
+    def prepare(self):  # public: describes the API, holds no data
+        pass
+
+    def get(self):
+        self.write_json(document())
+
+
+routes = [(r"/api/openapi.json", OpenAPIHandler)]

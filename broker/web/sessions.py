@@ -1,0 +1,49 @@
+"""/api/sessions: create, list, get and delete sessions."""
+
+from __future__ import annotations
+
+from broker.web.base import BaseHandler
+
+
+class SessionsHandler(BaseHandler):
+    async def get(self):
+        self.write_json([s.model() for s in self.sessions.list(self.current_user)])
+
+    async def post(self):
+        s = await self.sessions.create(self.current_user)
+        self.set_header("Location", f"/api/sessions/{s.id}")
+        self.write_json(s.model(), 201)
+
+
+class SessionHandler(BaseHandler):
+    async def get(self, sid):
+        s = self.sessions.get(sid, self.current_user)
+        self.write_json(s.model())
+
+    async def delete(self, sid):
+        await self.sessions.delete(sid, self.current_user)
+        self.set_status(204)
+        self.finish()
+
+
+class ToolHandler(BaseHandler):
+    async def post(self, sid, name):
+        from broker.tools import ToolContext, call_tool, get_tool
+
+        s = self.sessions.get(sid, self.current_user)
+        get_tool(name)  # 404 with the known tools before reading the body
+        mode = self.get_query_argument("images", self.state.inline_images)
+        if mode not in ("url", "data"):
+            from broker.errors import InvalidArgument
+
+            raise InvalidArgument("query parameter 'images' must be 'url' or 'data'", "images", "url, data")
+        result = await call_tool(ToolContext(s, self.links, mode), name, self.json_body())
+        self.write_json(result)
+
+
+_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
+routes = [
+    (r"/api/sessions/?", SessionsHandler),
+    (rf"/api/sessions/{_sid}/?", SessionHandler),
+    (rf"/api/sessions/{_sid}/tools/(?P<name>[^/]+)/?", ToolHandler),
+]
