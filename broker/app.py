@@ -83,8 +83,9 @@ class CheckApp(Application):
 class BrokerState:
     """What the handlers share: the collaborators the app composed."""
 
-    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str):
+    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str, channels=None):
         self.sessions = sessions
+        self.channels = channels
         self.auth = auth
         self.signer = signer
         self.public_url = public_url
@@ -178,8 +179,10 @@ class ServeApp(Application):
         self.signer = LinkSigner(ttl=self.link_ttl)
 
     def init_webapp(self):
+        from broker.channels import ChannelSettings
+
         self.state = BrokerState(self.sessions, self.auth, self.signer, self.public_url.rstrip("/"),
-                                 self.inline_images)
+                                 self.inline_images, ChannelSettings(parent=self))
         self.web_app = make_web_app(self.state)
 
     def start(self):
@@ -215,21 +218,23 @@ class ServeApp(Application):
 def make_web_app(state):
     from tornado import web
 
-    from broker.web import files, openapi, sessions
+    from broker.web import files, kernels, openapi, sessions
     from broker.web.base import NotFoundHandler
     from broker.web.root import RootHandler
 
-    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes]
+    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes]
     return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
-                           websocket_ping_interval=30, compress_response=False)
+                           websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
+                           compress_response=False)
 
 
 def serve_classes():
+    from broker.channels import ChannelSettings
     from broker.execution import Executor
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
 
-    return [ServeApp, SessionManager, Executor, SandboxSettings, SandboxProvisioner]
+    return [ServeApp, SessionManager, Executor, ChannelSettings, SandboxSettings, SandboxProvisioner]
 
 
 class OpenAPIApp(Application):

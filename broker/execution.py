@@ -62,10 +62,10 @@ class BrokerKernelSpecManager(KernelSpecManager):
 class SessionKernel:
     """One session's kernel: manager, client and the facts about its deaths."""
 
-    def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str):
+    def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str, env: dict | None = None):
         self.km = AsyncKernelManager(kernel_name=SANDBOX_KERNEL, kernel_spec_manager=BrokerKernelSpecManager(),
                                      parent=parent, kernel_id=kernel_id)
-        self.opts = {"data_dir": data_dir, "rt_dir": rt_dir}
+        self.opts = {"data_dir": data_dir, "rt_dir": rt_dir, "env": dict(env or {})}
         self.client = None
         self.restarts = 0
 

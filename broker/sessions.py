@@ -55,6 +55,8 @@ class Session:
         self.lock = asyncio.Lock()          # one execution at a time
         self._start_lock = asyncio.Lock()
         self.deleted = False
+        self.env: dict[str, str] = {}       # allow-listed KERNEL_* variables
+        self.hub = None                      # IOPubHub, made on the first WebSocket client
 
     # -- state ----------------------------------------------------------------
     @property
@@ -84,7 +86,8 @@ class Session:
                             max_read=self.manager.max_read_bytes)
 
     def save(self) -> None:
-        meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity}
+        meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity,
+                "env": self.env}
         tmp = os.path.join(self.dir, f".meta.{secrets.token_hex(4)}.json")
         with open(tmp, "w") as fh:
             json.dump(meta, fh)
@@ -94,14 +97,54 @@ class Session:
     async def ensure_kernel(self) -> SessionKernel:
         async with self._start_lock:
             if self.kernel is None:
-                self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id)
+                self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id, env=self.env)
             if not self.kernel.km.has_kernel:
                 await self.kernel.start()
             elif not await self.kernel.is_alive():
                 await self.kernel.restart()
             return self.kernel
 
+    def kernel_address(self, channel: str) -> str:
+        """The host-side ZeroMQ address of one of the kernel's channels."""
+        info = self.kernel.km.get_connection_info()
+        return f"{info['transport']}://{info['ip']}-{info[channel + '_port']}"
+
+    async def get_hub(self, settings):
+        from jupyter_client.session import Session as JSession
+
+        from broker.channels import IOPubHub
+
+        kernel = await self.ensure_kernel()
+        if self.hub is None:
+            km = kernel.km
+            js = JSession(key=km.session.key, signature_scheme=km.session.signature_scheme, username="broker")
+            self.hub = IOPubHub(self, settings, js)
+        return self.hub
+
+    @property
+    def connections(self) -> int:
+        return sum(1 for c in self.hub.listeners.values() if c.attached) if self.hub else 0
+
+    @property
+    def execution_state(self) -> str:
+        if self.kernel is None or not self.kernel.km.has_kernel:
+            return "starting"
+        if self.lock.locked():
+            return "busy"
+        return self.hub.execution_state if self.hub and self.hub.execution_state != "starting" else "idle"
+
+    async def restart_kernel(self) -> None:
+        kernel = await self.ensure_kernel()
+        await kernel.restart()
+
+    async def interrupt_kernel(self) -> None:
+        kernel = await self.ensure_kernel()
+        await kernel.km.interrupt_kernel()
+
     async def stop_kernel(self) -> None:
+        if self.hub is not None:
+            self.hub.close()
+            self.hub = None
         if self.kernel is not None:
             await self.kernel.shutdown()
             self.kernel = None
@@ -149,6 +192,7 @@ class SessionManager(LoggingConfigurable):
                 with open(meta_path) as fh:
                     meta = json.load(fh)
                 s = Session(self, sid, meta["owner"], meta["created"], meta["last_activity"])
+                s.env = dict(meta.get("env") or {})
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warning("skipping session folder %s: %s", sid, exc)
                 continue
@@ -195,7 +239,7 @@ class SessionManager(LoggingConfigurable):
                 volume.unmount(s.data_dir)
 
     # -- operations ------------------------------------------------------------------
-    async def create(self, owner: str) -> Session:
+    async def create(self, owner: str, env: dict[str, str] | None = None) -> Session:
         async with self._lock:
             owned = sum(1 for s in self.sessions.values() if s.owner == owner)
             if len(self.sessions) + self._reserved >= self.max_sessions:
@@ -209,6 +253,7 @@ class SessionManager(LoggingConfigurable):
             sid = secrets.token_urlsafe(16)
             now = time.time()
             s = Session(self, sid, owner, now, now)
+            s.env = dict(env or {})
             os.makedirs(s.data_dir, mode=0o700)
             os.makedirs(s.rt_dir, mode=0o700)
             os.chmod(s.dir, 0o711)

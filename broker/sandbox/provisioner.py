@@ -83,6 +83,19 @@ def _isolated_sys_path() -> tuple[str, ...]:
         return ()
 
 
+_KERNEL_VAR = __import__("re").compile(r"^KERNEL_[A-Z0-9_]{1,64}$")
+
+
+def safe_kernel_vars(env: dict) -> dict[str, str]:
+    """Only KERNEL_* names with short printable values; never anything that
+    could change how the sandbox or Python behaves."""
+    out = {}
+    for k, v in env.items():
+        if isinstance(k, str) and isinstance(v, str) and _KERNEL_VAR.match(k) and len(v) <= 256 and v.isprintable():
+            out[k] = v
+    return out
+
+
 def python_paths() -> list[str]:
     """Host paths the kernel's Python needs, bound read-only at the same paths."""
     paths = {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}
@@ -104,6 +117,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         `broker kernelspec install --data-dir`.""")
 
     _prepared = False
+    _extra_env: dict = {}
     _own_root: str | None = None
     _identity: identity.Identity | None = None
     _cgroup: cgroups.Cgroup | None = None
@@ -185,6 +199,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         opts = kwargs.pop("sandbox", None) or {}
         if not self._prepared:
             self._prepare(opts)
+            self._extra_env = safe_kernel_vars(opts.get("env") or {})
         km = self.parent
         km.transport = "ipc"
         km.ip = os.path.join(self.rt_dir, IPC_NAME)
@@ -213,7 +228,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             command=argv,
             data_dir=self.sandbox_data_dir,
             rt_dir=self.rt_dir,
-            env=kernel_env(),
+            env=kernel_env(self._extra_env),
             ro_paths=python_paths(),
             files={"kernel.json": json.dumps(info).encode(),
                    "kernel.bpf": broker_seccomp.compile_profile(self.seccomp_profile)},
