@@ -21,6 +21,7 @@ import re
 import secrets
 import shutil
 import time
+import uuid
 
 from traitlets import Float, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
@@ -31,7 +32,9 @@ from broker.files import SessionFiles
 from broker.sandbox import prereq, volume
 from broker.sandbox.settings import ByteSize
 
-ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+# Session ids are random UUIDs (122 random bits): jupyter_server's gateway
+# client only routes kernel ids of that shape.
+ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
 def _iso(ts: float) -> str:
@@ -250,7 +253,7 @@ class SessionManager(LoggingConfigurable):
                                       "(SessionManager.max_sessions_per_owner); delete one first")
             self._reserved += 1
         try:
-            sid = secrets.token_urlsafe(16)
+            sid = str(uuid.uuid4())
             now = time.time()
             s = Session(self, sid, owner, now, now)
             s.env = dict(env or {})
