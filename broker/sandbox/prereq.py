@@ -35,8 +35,9 @@ def find_bwrap(bwrap: str = "bwrap") -> str:
     out = subprocess.run([path, "--version"], capture_output=True, text=True, env={"PATH": "/usr/bin:/bin"})
     m = re.search(r"(\d+)\.(\d+)\.(\d+)", out.stdout)
     if not m or tuple(int(x) for x in m.groups()) < MIN_BWRAP:
+        found = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "unknown"  # one-line message
         raise SandboxUnavailable(
-            f"bubblewrap >= {'.'.join(map(str, MIN_BWRAP))} (found {out.stdout.strip() or 'unknown'})",
+            f"bubblewrap >= {'.'.join(map(str, MIN_BWRAP))} (found {found} at {path})",
             "install a newer bubblewrap (Debian 12's 0.8.0 or later)")
     return path
 
