@@ -5,6 +5,8 @@ Subcommands:
   broker kernelspec install   install the python3-sandbox kernelspec
   broker check                check every sandbox prerequisite and say what is missing
   broker openapi              print the OpenAPI document
+  broker transcript ID        print a session's transcript (.ipynb)
+  broker replay NB.ipynb      re-run a transcript in a fresh session and compare
 """
 
 from __future__ import annotations
@@ -234,7 +236,91 @@ def serve_classes():
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
 
-    return [ServeApp, SessionManager, Executor, ChannelSettings, SandboxSettings, SandboxProvisioner]
+    from broker.transcripts import TranscriptSettings
+
+    return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, SandboxSettings,
+            SandboxProvisioner]
+
+
+class TranscriptApp(Application):
+    name = "broker-transcript"
+    description = "Write a session's transcript (.ipynb) from the data root: broker transcript SESSION_ID [-o FILE]."
+    output = Unicode("", config=True, help="Write here instead of standard output.")
+    aliases = {"data-root": "SessionManager.data_root", "o": "TranscriptApp.output",
+               "output": "TranscriptApp.output"}
+
+    @property
+    def classes(self):
+        from broker.sessions import SessionManager
+
+        return [TranscriptApp, SessionManager]
+
+    def start(self):
+        from broker.sessions import ID_RE, SessionManager
+
+        if len(self.extra_args) != 1 or not ID_RE.match(self.extra_args[0]):
+            print("usage: broker transcript SESSION_ID [--data-root DIR] [-o FILE]", file=sys.stderr)
+            self.exit(2)
+        path = os.path.join(SessionManager(parent=self).data_root, self.extra_args[0], "transcript.ipynb")
+        if not os.path.isfile(path):
+            print(f"no transcript for session {self.extra_args[0]} ({path} does not exist)", file=sys.stderr)
+            self.exit(1)
+        with open(path) as fh:
+            text = fh.read()
+        if self.output:
+            with open(self.output, "w") as fh:
+                fh.write(text)
+        else:
+            sys.stdout.write(text)
+
+
+class ReplayApp(Application):
+    name = "broker-replay"
+    description = ("Re-run a transcript in a fresh session and compare outputs: "
+                   "broker replay TRANSCRIPT.ipynb [--files DIR] [--url URL --token T] [-o OUT.ipynb]. "
+                   "Exit 0 only when every cell matches.")
+    files = Unicode("", config=True, help="Folder holding the transcript's uploaded input files (checked by sha256).")
+    url = Unicode("", config=True, help="Replay on this running broker instead of in-process.")
+    token = Unicode("", config=True, help="Token for --url (default: $BROKER_TOKEN).")
+    output = Unicode("", config=True, help="Where to write the replayed notebook (default: NAME.replayed.ipynb).")
+    aliases = {"files": "ReplayApp.files", "url": "ReplayApp.url", "token": "ReplayApp.token",
+               "o": "ReplayApp.output", "output": "ReplayApp.output", "data-root": "SessionManager.data_root"}
+
+    @property
+    def classes(self):
+        return [ReplayApp] + serve_classes()[1:]
+
+    def start(self):
+        from broker import replay
+
+        if len(self.extra_args) != 1:
+            print("usage: broker replay TRANSCRIPT.ipynb [--files DIR] [--url URL --token T] [-o OUT]",
+                  file=sys.stderr)
+            self.exit(2)
+        src = self.extra_args[0]
+        try:
+            nb = replay.load(src)
+            uploads = replay.check_inputs(nb, self.files or None)
+        except replay.ReplayError as exc:
+            print(f"broker replay: {exc.message}", file=sys.stderr)
+            self.exit(2)
+        out = self.output or (src[:-6] if src.endswith(".ipynb") else src) + ".replayed.ipynb"
+        reports = asyncio.run(self._run(replay, nb, uploads, out))
+        bad = [r for r in reports if not r.match]
+        print(f"{len(reports) - len(bad)} of {len(reports)} cells match; replayed notebook: {out}")
+        self.exit(0 if not bad else 1)
+
+    async def _run(self, replay, nb, uploads, out):
+        if self.url:
+            client = replay.HttpClient(self.url, self.token or os.environ.get("BROKER_TOKEN", ""))
+        else:
+            client = replay.InProcessClient(parent=self)
+        try:
+            await client.start()
+            reports, _ = await replay.replay(nb, uploads, client, out)
+        finally:
+            await client.close()
+        return reports
 
 
 class OpenAPIApp(Application):
@@ -256,6 +342,8 @@ class BrokerApp(Application):
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "check": (CheckApp, CheckApp.description),
         "openapi": (OpenAPIApp, OpenAPIApp.description),
+        "transcript": (TranscriptApp, TranscriptApp.description),
+        "replay": (ReplayApp, ReplayApp.description),
     }
 
     @property

@@ -126,12 +126,16 @@ class IOPubHub:
         self.stream.close()
 
     # -- executions started by clients ------------------------------------------
-    def track(self, header: dict, links) -> None:
+    def track(self, header: dict, content: dict, links) -> None:
+        from broker.transcripts import now_iso
+
         try:
             before = self.session.files.snapshot()
         except Exception:  # a broken folder must not stop the execution
             before = None
-        self.tracked[header.get("msg_id", "")] = {"header": header, "before": before, "links": links}
+        self.tracked[header.get("msg_id", "")] = {"header": header, "before": before, "links": links,
+                                                  "code": content.get("code", ""), "msgs": [],
+                                                  "started": now_iso(), "silent": bool(content.get("silent"))}
         if len(self.tracked) > 1000:
             self.tracked.pop(next(iter(self.tracked)))
 
@@ -160,6 +164,19 @@ class IOPubHub:
         header = self.jsession.msg_header("display_data")
         parts = [json_packer(header), json_packer(info["header"]), json_packer({}), json_packer(content)]
         return KernelMessage("iopub", parts)
+
+    def _record(self, info: dict) -> None:
+        from broker.transcripts import now_iso
+
+        if info["silent"] or not info["code"].strip():
+            return
+        status = "error" if any(m["msg_type"] == "error" for m in info["msgs"]) else "success"
+        try:
+            self.session.transcript.add_ws_execution(info["code"], info["msgs"], info["started"], now_iso(), status)
+        except Exception:
+            import logging
+
+            logging.getLogger("broker").exception("could not record a WebSocket execution in the transcript")
 
     def _notice(self, parent_parts: list, text: str) -> KernelMessage:
         header = self.jsession.msg_header("stream")
@@ -191,7 +208,12 @@ class IOPubHub:
                 self._notified.add(pid)
                 out = [self._notice(msg.parts, f"\n[broker: output of this execution passed "
                                                f"{self.settings.max_output_bytes} bytes; the rest is dropped]\n")]
-        elif mtype == "status":
+        if out[0] is msg and mtype in ("execute_input", "stream", "display_data", "execute_result", "error",
+                                       "clear_output"):
+            info = self.tracked.get(msg.parent_id)
+            if info is not None and len(info["msgs"]) < 10_000:
+                info["msgs"].append({"header": msg.header, "msg_type": mtype, "content": msg.content()})
+        if mtype == "status":
             state = msg.content().get("execution_state")
             if state:
                 self.execution_state = state
@@ -200,6 +222,7 @@ class IOPubHub:
                 self._out_bytes.pop(msg.parent_id, None)
                 self._notified.discard(msg.parent_id)
                 if info is not None:
+                    self._record(info)
                     files_msg = self._files_message(info)
                     if files_msg is not None:
                         out = [files_msg, msg]
@@ -278,8 +301,8 @@ class ChannelConnection:
                 raise ValueError("parent_header, metadata and content must be objects")
         if header["msg_type"] in self.settings.blocked_message_types:
             return
-        if header["msg_type"] == "execute_request":
-            self.hub.track(header, links)
+        if header["msg_type"] == "execute_request" and channel == "shell":
+            self.hub.track(header, json.loads(parts[3]), links)
         self.jsession.send_raw(self.streams[channel], [bytes(p) for p in parts])
 
     # -- lifetime -------------------------------------------------------------------

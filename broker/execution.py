@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -70,7 +71,11 @@ class SessionKernel:
         self.restarts = 0
 
     async def start(self) -> None:
-        await self.km.start_kernel(sandbox=self.opts)
+        # The kernel's own stdout/stderr (start-up notes, crashes) go to a log
+        # beside the session, not into the broker's output.
+        log_path = os.path.join(os.path.dirname(self.opts["rt_dir"]), "kernel.log")
+        self._log = open(log_path, "ab", buffering=0)
+        await self.km.start_kernel(sandbox=self.opts, stdout=self._log, stderr=self._log)
         await self._connect()
 
     async def _connect(self) -> None:
@@ -94,6 +99,9 @@ class SessionKernel:
             self.client = None
         if self.km.has_kernel:
             await self.km.shutdown_kernel(now=True)
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
 
     async def is_alive(self) -> bool:
         return await self.km.is_alive()

@@ -60,6 +60,7 @@ class Session:
         self.deleted = False
         self.env: dict[str, str] = {}       # allow-listed KERNEL_* variables
         self.hub = None                      # IOPubHub, made on the first WebSocket client
+        self._transcript = None
 
     # -- state ----------------------------------------------------------------
     @property
@@ -106,6 +107,15 @@ class Session:
             elif not await self.kernel.is_alive():
                 await self.kernel.restart()
             return self.kernel
+
+    @property
+    def transcript(self):
+        from broker.transcripts import Transcript
+
+        if self._transcript is None:
+            self._transcript = Transcript(os.path.join(self.dir, "transcript.ipynb"),
+                                          self.manager.transcript_settings, self.id)
+        return self._transcript
 
     def kernel_address(self, channel: str) -> str:
         """The host-side ZeroMQ address of one of the kernel's channels."""
@@ -180,6 +190,9 @@ class SessionManager(LoggingConfigurable):
         self._lock = asyncio.Lock()
         self._reserved = 0
         self.executor = Executor(parent=self)
+        from broker.transcripts import TranscriptSettings
+
+        self.transcript_settings = TranscriptSettings(parent=self)
         self._cull_task: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------------

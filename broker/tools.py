@@ -330,6 +330,11 @@ async def generate_pdf(ctx: ToolContext, args: dict) -> dict:
         return result
     entry = ctx.file_entry(rel, st.st_size, save_as)
     entry["type"] = "application/pdf"
+    try:
+        blob, _, _ = files.read(rel, limit=st.st_size)
+        entry["sha256"] = hashlib.sha256(blob).hexdigest()
+    except FileError:
+        pass
     result["pdf"] = entry
     result["files"] = [f for f in result["files"] if f["path"] != entry["path"]]
     result["files"].insert(0, entry)
@@ -489,11 +494,50 @@ HANDLERS = {
 }
 
 
+def record(session, name: str, args: dict, result: dict, started: str, ended: str) -> None:
+    """Add a tool call to the session's transcript."""
+    t = session.transcript
+    if name in ("ExecutePythonCode", "GeneratePdfReport"):
+        extra = {"duration_ms": result.get("duration_ms"), "timeoutSeconds": args["timeoutSeconds"],
+                 "images": [i["path"] for i in result.get("images", [])],
+                 "files": [f["path"] for f in result.get("files", [])]}
+        if result.get("notice"):
+            extra["notice"] = result["notice"]
+        if name == "GeneratePdfReport":
+            extra["expectedOutputFilename"] = args["expectedOutputFilename"]
+            extra["saveAsFilename"] = args["saveAsFilename"]
+            pdf = result.get("pdf")
+            if pdf:
+                extra["pdf"] = {"path": pdf["path"], "saveAsFilename": pdf["name"], "size": pdf["size"],
+                                "sha256": pdf.get("sha256")}
+        outputs = result.get("outputs", [])
+        if result.get("status") == "timeout":
+            outputs = outputs + [{"output_type": "error", "ename": "TimeoutError",
+                                  "evalue": result["error"]["evalue"], "traceback": [result.get("notice", "")]}]
+        t.add_code(args["pythonCode"], outputs, tool=name, status=result["status"],
+                   execution_count=result.get("execution_count"), started=started, ended=ended, extra=extra)
+    elif name == "RunShellCommand":
+        t.add_shell(args["command"], result, started, ended, args.get("explanation"))
+    elif name == "UploadFileToSession":
+        t.add_event("uploads", {"path": result["path"], "size": result["size"], "sha256": result["sha256"]})
+    elif name == "GetSessionFile":
+        t.add_event("downloads", {"path": result["path"], "name": result["name"], "size": result["size"]})
+
+
 async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
+    from broker.transcripts import now_iso
+
     tool = get_tool(name)
     args = tool.validate(raw_args)
     ctx.session.touch()
+    started = now_iso()
     result = await HANDLERS[name](ctx, args)
+    try:
+        record(ctx.session, name, args, result, started, now_iso())
+    except Exception:  # the call itself succeeded; a transcript problem must not hide it
+        import logging
+
+        logging.getLogger("broker").exception("could not record %s in the transcript", name)
     result.pop("outputs", None)  # nbformat outputs are for the transcript, not the caller
     result["tool"] = name
     if "markdown" not in result:

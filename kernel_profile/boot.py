@@ -87,6 +87,12 @@ def main(argv=None) -> None:
     if os.path.isdir(DATA_DIR):
         os.chdir(DATA_DIR)
 
+    import warnings
+
+    # Expected in the sandbox: ipykernel's pipe for forked children cannot
+    # bind a TCP port (no network, no fork).  Not worth a warning per start.
+    warnings.filterwarnings("ignore", message="Couldn't bind IOPub Pipe")
+
     from ipykernel.kernelapp import launch_new_instance
 
     launch_new_instance(argv=["-f", args.connection_file,

@@ -31,6 +31,20 @@ def _broker_sandbox_startup():
     for name in ("pip", "conda", "mamba", "uv"):
         register_line_magic(name)(_no_install)
 
+    # Shell cells (a transcript's RunShellCommand cells read "%%bash ...")
+    # cannot run in a kernel that may not start processes.  Under nbclient or
+    # papermill they are skipped with a note instead of failing the notebook.
+    from IPython.core.magic import register_cell_magic
+
+    def _skip_shell_cell(line, cell):
+        import sys
+
+        sys.stderr.write("[sandbox] shell cell skipped: this kernel cannot start processes. Run it with the "
+                         "RunShellCommand tool (broker replay does this).\n")
+
+    for name in ("bash", "sh", "script", "system"):
+        register_cell_magic(name)(_skip_shell_cell)
+
     # Figures are shown by plt.show() (or display(fig)) only.  matplotlib-inline
     # would otherwise display every figure drawn in interactive mode at the end
     # of the cell, so a chart saved with savefig came back a second time as an

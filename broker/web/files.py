@@ -71,6 +71,7 @@ class FilesHandler(BaseHandler):
                 (dest.rstrip("/") + "/" + name if dest else name)
             r = s.files.write(target, f["body"])
             r["path"] = f"/mnt/data/{r['path']}"
+            s.transcript.add_event("uploads", dict(r))
             written.append(r)
         s.touch()
         self.write_json(written if len(written) > 1 else written[0], 201)
@@ -126,12 +127,17 @@ class FileHandler(FilesHandler):
         finally:
             os.close(fd)
         s.touch()
+        if self.current_user is not None:
+            # Token downloads are recorded; signed-link fetches (images shown
+            # inline, again and again) are not.
+            s.transcript.add_event("downloads", {"path": f"/mnt/data/{rel}", "name": name, "size": st.st_size})
         self.finish()
 
     async def put(self, sid, path):
         s = self.sessions.get(sid, self.current_user)
         r = s.files.write(path, self._chunks)
         r["path"] = f"/mnt/data/{r['path']}"
+        s.transcript.add_event("uploads", dict(r))
         s.touch()
         self.write_json(r, 201)
 

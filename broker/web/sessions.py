@@ -47,3 +47,14 @@ routes = [
     (rf"/api/sessions/{_sid}/?", SessionHandler),
     (rf"/api/sessions/{_sid}/tools/(?P<name>[^/]+)/?", ToolHandler),
 ]
+
+
+class TranscriptHandler(BaseHandler):
+    async def get(self, sid):
+        s = self.sessions.get(sid, self.current_user)
+        self.set_header("Content-Type", "application/x-ipynb+json")
+        self.set_header("Content-Disposition", f'attachment; filename="session-{sid}.ipynb"')
+        self.finish(s.transcript.to_json())
+
+
+routes.append((rf"/api/sessions/{_sid}/transcript/?", TranscriptHandler))

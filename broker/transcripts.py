@@ -1,0 +1,170 @@
+"""Each session's transcript: an nbformat v4 notebook kept beside the session,
+outside the sandbox's reach, rewritten atomically after every tool call and
+every WebSocket execution.
+
+Format (see docs/transcripts.md):
+
+- Python executions are code cells with their outputs (from
+  ``nbformat.v4.output_from_msg``; images embedded as ``image/png``) and
+  execution counts.  ``metadata.execution`` holds the timing keys nbclient
+  records; ``metadata.broker`` holds ``tool``, ``status``, ``duration_ms`` and,
+  per tool, its arguments.
+- Shell commands are code cells whose source is ``%%bash`` and the command,
+  with ``metadata.broker.tool = "RunShellCommand"`` and ``exit_code``.
+- PDF reports carry ``metadata.broker.pdf`` (path, saveAsFilename, size,
+  sha256); uploads and downloads are listed in the notebook's
+  ``metadata.broker.uploads`` / ``downloads`` with the index of the cell they
+  came before.
+- Output text longer than ``max_output_chars`` and images larger than
+  ``max_image_bytes`` are cut with a visible notice so the file stays
+  openable.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import secrets
+import threading
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_notebook, output_from_msg
+from traitlets import Integer
+from traitlets.config import LoggingConfigurable
+
+from broker.sandbox.settings import ByteSize
+
+NOTICE = "\n[transcript: output truncated, {n} more characters not kept]\n"
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+class TranscriptSettings(LoggingConfigurable):
+    max_output_chars = Integer(100_000, min=1000, config=True, help="""Characters of text kept per output in a
+        transcript (stream text and text/* data); the rest is cut with a visible notice.""")
+    max_image_bytes = ByteSize(4 << 20, config=True, help="""Largest image (decoded) kept in a transcript; larger
+        ones are replaced by a text notice.""")
+
+
+class Transcript:
+    """One session's notebook.  Methods are called from the event loop; the
+    file is replaced atomically (write, fsync, rename) after each change."""
+
+    def __init__(self, path: str, settings: TranscriptSettings, session_id: str):
+        self.path = path
+        self.settings = settings
+        self._lock = threading.Lock()
+        if os.path.exists(path):
+            try:
+                self.nb = nbformat.read(path, as_version=4)
+            except Exception:
+                self.nb = None
+        else:
+            self.nb = None
+        if self.nb is None:
+            self.nb = new_notebook()
+            self.nb.metadata["kernelspec"] = {"name": "python3-sandbox", "display_name": "Python 3 (sandbox)",
+                                              "language": "python"}
+            self.nb.metadata["language_info"] = {"name": "python"}
+            self.nb.metadata["broker"] = {"session": session_id, "created": now_iso(), "uploads": [],
+                                          "downloads": []}
+
+    # -- helpers -----------------------------------------------------------------
+    def _cut(self, text: str) -> str:
+        limit = self.settings.max_output_chars
+        if len(text) <= limit:
+            return text
+        return text[:limit] + NOTICE.format(n=len(text) - limit)
+
+    def _clean_output(self, out: dict) -> dict:
+        out = copy.deepcopy(dict(out))
+        if out.get("output_type") == "stream":
+            out["text"] = self._cut(out.get("text", ""))
+        elif out.get("output_type") in ("display_data", "execute_result"):
+            data = out.get("data", {})
+            for mime in list(data):
+                value = data[mime]
+                if mime.startswith("image/") and mime != "image/svg+xml":
+                    if len(value) * 3 // 4 > self.settings.max_image_bytes:
+                        del data[mime]
+                        data.setdefault("text/plain", f"[transcript: {mime} image larger than "
+                                                      f"{self.settings.max_image_bytes} bytes not kept]")
+                elif isinstance(value, str):
+                    data[mime] = self._cut(value)
+        elif out.get("output_type") == "error":
+            out["traceback"] = [self._cut(line) for line in out.get("traceback", [])][:200]
+        return out
+
+    def _save(self) -> None:
+        nbformat.validate(self.nb)
+        d = os.path.dirname(self.path)
+        tmp = os.path.join(d, f".transcript.{secrets.token_hex(4)}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            nbformat.write(self.nb, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    def _append(self, cell) -> None:
+        with self._lock:
+            self.nb.cells.append(cell)
+            self._save()
+
+    # -- recording -------------------------------------------------------------------
+    def add_code(self, code: str, outputs: list, *, tool: str, status: str, execution_count=None,
+                 started: str | None = None, ended: str | None = None, extra: dict | None = None) -> None:
+        cell = new_code_cell(source=code)
+        cell.execution_count = execution_count
+        cell.outputs = [nbformat.from_dict(self._clean_output(o)) for o in outputs]
+        cell.metadata["execution"] = {"iopub.status.busy": started, "iopub.execute_input": started,
+                                      "shell.execute_reply": ended, "iopub.status.idle": ended}
+        meta = {"tool": tool, "status": status}
+        meta.update(extra or {})
+        cell.metadata["broker"] = meta
+        self._append(cell)
+
+    def add_shell(self, command: str, result: dict, started: str, ended: str, explanation=None) -> None:
+        outputs = []
+        if result.get("stdout"):
+            outputs.append({"output_type": "stream", "name": "stdout", "text": result["stdout"]})
+        if result.get("stderr"):
+            outputs.append({"output_type": "stream", "name": "stderr", "text": result["stderr"]})
+        extra = {"exit_code": result.get("exit_code"), "duration_ms": result.get("duration_ms")}
+        if explanation:
+            extra["explanation"] = explanation
+        self.add_code(f"%%bash\n{command}", outputs, tool="RunShellCommand", status=result["status"],
+                      started=started, ended=ended, extra=extra)
+
+    def add_event(self, kind: str, entry: dict) -> None:
+        with self._lock:
+            entry = dict(entry, time=now_iso(), before_cell=len(self.nb.cells))
+            self.nb.metadata["broker"].setdefault(kind, []).append(entry)
+            self._save()
+
+    def add_ws_execution(self, code: str, msgs: list, started: str, ended: str, status: str) -> None:
+        outputs, count = [], None
+        for m in msgs:
+            t = m["msg_type"]
+            if t == "execute_input":
+                count = m["content"].get("execution_count")
+            elif t in ("stream", "display_data", "execute_result", "error"):
+                if t == "display_data" and "application/vnd.broker.files+json" in m["content"].get("data", {}):
+                    continue
+                out = output_from_msg(m)
+                if t == "stream" and outputs and outputs[-1].get("output_type") == "stream" and \
+                        outputs[-1].get("name") == out.get("name"):
+                    outputs[-1]["text"] += out["text"]
+                else:
+                    outputs.append(out)
+            elif t == "clear_output":
+                outputs = []
+        self.add_code(code, outputs, tool="websocket", status=status, execution_count=count, started=started,
+                      ended=ended)
+
+    def to_json(self) -> str:
+        with self._lock:
+            return json.dumps(self.nb, indent=1, ensure_ascii=False)
