@@ -200,7 +200,7 @@ class ServeApp(Application):
         port = sockets[0].getsockname()[1]
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
         url = f"http://{host}:{port}/"
-        self.sessions.start_culler()
+        self.sessions.start_background()
         print(f"broker {__version__} listening on {url}", flush=True)
         print(f"    data root: {self.sessions.data_root}", flush=True)
         if self.generated_token:

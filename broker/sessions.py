@@ -179,6 +179,11 @@ class SessionManager(LoggingConfigurable):
     max_sessions = Integer(100, min=1, config=True, help="Sessions alive at once, all owners together (429 past it).")
     max_sessions_per_owner = Integer(20, min=1, config=True, help="Sessions alive at once for one owner (429 past it).")
     cull_interval = Float(30.0, min=0.1, config=True, help="Seconds between checks for idle sessions.")
+    pool_size = Integer(2, min=0, config=True, help="""Kernels kept started and waiting, so that a new session
+        is ready at once. Pooled kernels have already run pool_preload. They count toward max_sessions but
+        belong to nobody until handed out. 0 turns the pool off.""")
+    pool_preload = Unicode("import numpy, pandas, matplotlib, matplotlib.pyplot", config=True, help="""Code each
+        pooled kernel runs silently before it is handed out (not in the transcript, no execution count).""")
     max_upload_bytes = ByteSize(128 << 20, config=True, help="Largest file accepted by an upload (413 past it).")
     max_read_bytes = ByteSize(128 << 20, config=True, help="Largest file the broker serves or reads back.")
     shell_output_limit = ByteSize(1 << 20, config=True, help="""Bytes of output (stdout and stderr together) one
@@ -188,7 +193,11 @@ class SessionManager(LoggingConfigurable):
         super().__init__(**kwargs)
         self.sessions: dict[str, Session] = {}
         self._lock = asyncio.Lock()
-        self._reserved = 0
+        self._reserved: dict[str, int] = {}
+        self._pool: list[Session] = []
+        self._pool_task: asyncio.Task | None = None
+        self._closing = False
+        self._pool_enabled = False   # the service turns it on (start_background)
         self.executor = Executor(parent=self)
         from broker.transcripts import TranscriptSettings
 
@@ -208,6 +217,10 @@ class SessionManager(LoggingConfigurable):
                 with open(meta_path) as fh:
                     meta = json.load(fh)
                 s = Session(self, sid, meta["owner"], meta["created"], meta["last_activity"])
+                if not s.owner:
+                    # A pooled session nobody took: nothing in it to keep.
+                    self._remove_dir(s)
+                    continue
                 s.env = dict(meta.get("env") or {})
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warning("skipping session folder %s: %s", sid, exc)
@@ -222,9 +235,13 @@ class SessionManager(LoggingConfigurable):
             st = os.stat(volume.image_path(s.data_dir))
             volume.ensure(s.data_dir, 0, st.st_uid, st.st_gid, prereq.check_root_tools())
 
-    def start_culler(self) -> None:
+    def start_background(self) -> None:
+        """Start the idle culler and fill the warm pool (the service does this;
+        in-process users such as replay do not)."""
         if self._cull_task is None:
             self._cull_task = asyncio.ensure_future(self._cull_loop())
+        self._pool_enabled = True
+        self._refill_pool()
 
     async def _cull_loop(self) -> None:
         while True:
@@ -246,9 +263,15 @@ class SessionManager(LoggingConfigurable):
 
     async def shutdown(self) -> None:
         """Stop every kernel; session folders stay for the next run."""
+        self._closing = True
         if self._cull_task:
             self._cull_task.cancel()
             self._cull_task = None
+        if self._pool_task is not None:
+            self._pool_task.cancel()
+            await asyncio.gather(self._pool_task, return_exceptions=True)
+        pool, self._pool = self._pool, []
+        await asyncio.gather(*(self._delete(s) for s in pool), return_exceptions=True)
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
         if prereq.is_root():
             for s in self.sessions.values():
@@ -257,33 +280,90 @@ class SessionManager(LoggingConfigurable):
     # -- operations ------------------------------------------------------------------
     async def create(self, owner: str, env: dict[str, str] | None = None) -> Session:
         async with self._lock:
-            owned = sum(1 for s in self.sessions.values() if s.owner == owner)
-            if len(self.sessions) + self._reserved >= self.max_sessions:
+            owned = sum(1 for s in self.sessions.values() if s.owner == owner) + self._reserved.get(owner, 0)
+            if len(self.sessions) + sum(self._reserved.values()) >= self.max_sessions:
                 raise TooManySessions(f"the broker holds its maximum of {self.max_sessions} sessions "
                                       "(SessionManager.max_sessions); delete one or wait for idle ones to expire")
             if owned >= self.max_sessions_per_owner:
                 raise TooManySessions(f"you hold the maximum of {self.max_sessions_per_owner} sessions per owner "
                                       "(SessionManager.max_sessions_per_owner); delete one first")
-            self._reserved += 1
+            pooled = self._take_pooled() if not env else None
+            if pooled is not None:
+                now = time.time()
+                pooled.owner, pooled.created, pooled.last_activity = owner, now, now
+                pooled.save()
+                self.sessions[pooled.id] = pooled
+                self._refill_pool()
+                return pooled
+            self._reserved[owner] = self._reserved.get(owner, 0) + 1
         try:
-            sid = str(uuid.uuid4())
-            now = time.time()
-            s = Session(self, sid, owner, now, now)
-            s.env = dict(env or {})
-            os.makedirs(s.data_dir, mode=0o700)
-            os.makedirs(s.rt_dir, mode=0o700)
-            os.chmod(s.dir, 0o711)
-            s.save()
-            try:
-                await s.ensure_kernel()
-            except BaseException:
-                await s.stop_kernel()
-                self._remove_dir(s)
-                raise
-            self.sessions[sid] = s
+            s = await self._new_session(owner, env)
+            self.sessions[s.id] = s
             return s
         finally:
-            self._reserved -= 1
+            self._reserved[owner] -= 1
+            self._refill_pool()
+
+    async def _new_session(self, owner: str, env: dict | None) -> Session:
+        sid = str(uuid.uuid4())
+        now = time.time()
+        s = Session(self, sid, owner, now, now)
+        s.env = dict(env or {})
+        os.makedirs(s.data_dir, mode=0o700)
+        os.makedirs(s.rt_dir, mode=0o700)
+        os.chmod(s.dir, 0o711)
+        s.save()
+        try:
+            await s.ensure_kernel()
+        except BaseException:
+            await s.stop_kernel()
+            self._remove_dir(s)
+            raise
+        return s
+
+    # -- the warm pool ------------------------------------------------------------
+    def _take_pooled(self) -> Session | None:
+        while self._pool:
+            s = self._pool.pop(0)
+            if s.kernel is not None and s.kernel.km.has_kernel and s.kernel.provisioner is not None \
+                    and s.kernel.provisioner.process is not None and s.kernel.provisioner.process.poll() is None:
+                return s
+            asyncio.ensure_future(self._delete(s))
+        return None
+
+    def _refill_pool(self) -> None:
+        if self.pool_size and self._pool_enabled and not self._closing and (
+                self._pool_task is None or self._pool_task.done()):
+            self._pool_task = asyncio.ensure_future(self._fill_pool())
+
+    async def _fill_pool(self) -> None:
+        while len(self._pool) < self.pool_size and not self._closing:
+            if len(self.sessions) + len(self._pool) + sum(self._reserved.values()) >= self.max_sessions:
+                return
+            try:
+                s = await self._new_session("", None)
+                if self.pool_preload.strip():
+                    await self._preload(s)
+            except Exception as exc:
+                self.log.warning("could not start a pooled kernel: %s", exc)
+                await asyncio.sleep(5)
+                continue
+            if self._closing:
+                await self._delete(s)
+                return
+            self._pool.append(s)
+
+    async def _preload(self, s: Session) -> None:
+        """Run the preload code silently: no execution count, no transcript."""
+        kc = s.kernel.client
+        msg_id = kc.execute(self.pool_preload, silent=True, store_history=False, allow_stdin=False)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            reply = await kc.get_shell_msg(timeout=deadline - time.monotonic())
+            if reply["parent_header"].get("msg_id") == msg_id:
+                if reply["content"].get("status") != "ok":
+                    self.log.warning("pool preload failed: %s", reply["content"].get("evalue"))
+                return
 
     def get(self, sid: str, owner: str) -> Session:
         s = self.sessions.get(sid)
