@@ -95,6 +95,8 @@ class BrokerState:
 
 
 class ServeApp(Application):
+    """The broker service: address, tokens and how results link to files."""
+
     name = "broker-serve"
     description = "Run the broker: sessions with a sandboxed kernel each, over REST."
 

@@ -167,7 +167,8 @@ class SessionManager(LoggingConfigurable):
     """Creates, finds, lists, culls and deletes sessions."""
 
     data_root = Unicode(config=True, help="""Folder holding every session (one sub-folder each). Must be
-        on a local file system; sessions and their files survive a broker restart.""")
+        on a local file system; sessions and their files survive a broker restart. Default:
+        $XDG_DATA_HOME/broker/sessions (~/.local/share/broker/sessions).""")
 
     @default("data_root")
     def _default_data_root(self):
