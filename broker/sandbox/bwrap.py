@@ -165,25 +165,31 @@ def reachable_by(path: str, uid: int, gid: int) -> bool:
 # --propagation private`.  Arguments, all passed as argv (never interpolated):
 #   STAGE  NPROCS  PROCS_FILE...  NSTAGE  SRC...  --  COMMAND...
 # It joins the cgroups with its own pid (the pid bwrap will have), binds each
-# SRC on STAGE/<i> in its private mount namespace, then execs COMMAND.
+# SRC on STAGE/<i> (empty root-owned folders made beforehand) in its private
+# mount namespace, then execs COMMAND.  Only shell built-ins and one `mount`
+# per staged path: every exec here is on the start-up path of every sandbox.
 _LAUNCHER = r'''
 set -e
 stage=$1; shift
 n=$1; shift
 while [ "$n" -gt 0 ]; do echo $$ > "$1"; shift; n=$((n-1)); done
 n=$1; shift
-if [ "$n" -gt 0 ]; then
-  mount -t tmpfs -o mode=0755,size=64k,nosuid,nodev,noexec broker-stage "$stage"
-  i=0
-  while [ "$i" -lt "$n" ]; do
-    mkdir "$stage/$i"
-    mount --bind "$1" "$stage/$i"
-    shift; i=$((i+1))
-  done
-fi
+i=0
+while [ "$i" -lt "$n" ]; do
+  mount --bind "$1" "$stage/$i"
+  shift; i=$((i+1))
+done
 [ "$1" = "--" ] && shift
 exec "$@"
 '''
+
+
+def ensure_stage_dirs(stage_dir: str, count: int) -> None:
+    """The empty mount points the launcher binds onto (root-owned, 0755)."""
+    for i in range(count):
+        path = os.path.join(stage_dir, str(i))
+        if not os.path.isdir(path):
+            os.makedirs(path, mode=0o755, exist_ok=True)
 
 
 def launch(spec: SandboxSpec, *, bwrap: str, uid: int, gid: int, as_root: bool,
@@ -205,6 +211,7 @@ def launch(spec: SandboxSpec, *, bwrap: str, uid: int, gid: int, as_root: bool,
              if not reachable_by(p, uid, gid)]
     for i, path in enumerate(needs):
         sources[path] = os.path.join(stage_dir, str(i))
+    ensure_stage_dirs(stage_dir, len(needs))
     argv, fds = build(spec, bwrap, sources)
     setpriv = [tools.get("setpriv", "setpriv"), f"--reuid={uid}", f"--regid={gid}", "--clear-groups",
                "--inh-caps=-all", "--"]

@@ -125,7 +125,9 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
     finally:
         over_task.cancel()
         if cgroup:
-            cgroup.remove()
+            # The group empties a moment after its last process exits; remove
+            # it off the caller's path.
+            asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
     code = proc.returncode
     sig = -code if code is not None and code < 0 else None
     return ShellResult(exit_code=code if sig is None else None, stdout=out.decode("utf-8", "replace"),
