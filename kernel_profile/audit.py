@@ -78,9 +78,27 @@ def _audit_hook(event: str, args: tuple) -> None:
         _refuse_network(f"name resolution ({event})")
 
 
+def _audit_fork_exec() -> None:
+    """Before CPython 3.13 ``_posixsubprocess.fork_exec`` raises no audit
+    event (gh-115322), and multiprocessing's spawn and forkserver start
+    methods call it directly: wrap it so the hook sees the event and refuses
+    with the hint.  seccomp refuses the fork either way."""
+    import _posixsubprocess
+
+    native = _posixsubprocess.fork_exec
+
+    def fork_exec(*args, **kwargs):
+        sys.audit("_posixsubprocess.fork_exec")
+        return native(*args, **kwargs)
+
+    _posixsubprocess.fork_exec = fork_exec
+
+
 def install() -> None:
     """Install the hook.  ``ctypes`` is imported first: importing it raises
     audit events of its own, and libraries the kernel loads later use it."""
     import ctypes  # noqa: F401
 
+    if sys.version_info < (3, 13):
+        _audit_fork_exec()
     sys.addaudithook(_audit_hook)
