@@ -4,7 +4,8 @@
 file descriptors to pass.  The layout (see ``docs/security.md``):
 
 - new user, pid, net, ipc, uts (and cgroup) namespaces; no nested user
-  namespaces; ``--die-with-parent --new-session``; no capabilities;
+  namespaces; ``--die-with-parent --new-session --as-pid-1`` (the command is
+  pid 1: no unfiltered bwrap init shares the sandbox); no capabilities;
 - a read-only synthetic root: ``/usr`` (with the usual symlinks), a few
   ``/etc`` files, a synthetic ``/etc/passwd``, and the Python installation
   bound at the same paths it has outside;
@@ -86,7 +87,12 @@ def build(spec: SandboxSpec, bwrap: str, sources: dict[str, str] | None = None) 
     fds: list[int] = []
     a = [bwrap, "--unshare-user", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_GID),
          "--disable-userns", "--unshare-ipc", "--unshare-pid", "--unshare-net", "--unshare-uts",
-         "--unshare-cgroup-try", "--hostname", spec.hostname, "--die-with-parent", "--new-session"]
+         "--unshare-cgroup-try", "--hostname", spec.hostname, "--die-with-parent", "--new-session",
+         # No bwrap init inside: it would be a process of the same uid with no
+         # seccomp filter, whose memory the sandboxed code could write through
+         # /proc/1/mem where Landlock is not there to stop it.  The command is
+         # pid 1 itself, and the sandbox ends when it exits.
+         "--as-pid-1"]
     if spec.cap_drop:
         a += ["--cap-drop", "ALL"]
     a += ["--clearenv"]
