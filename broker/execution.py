@@ -140,7 +140,7 @@ class Outcome:
     result: str | None = None
     error: dict | None = None
     outputs: list = field(default_factory=list)
-    images: list = field(default_factory=list)   # {"mime", "data": bytes, "index"}
+    images: list = field(default_factory=list)   # {"mime", "data": bytes, "saved_as": [paths]}
     execution_count: int | None = None
     duration_ms: int = 0
     truncated: dict = field(default_factory=dict)
@@ -213,7 +213,9 @@ class _Collector:
                     if len(blob) > self.ex.max_image_bytes:
                         self.o.truncated["images"] = self.o.truncated.get("images", 0) + 1
                         break
-                    self.o.images.append({"mime": mime, "data": blob})
+                    saved = c.get("metadata", {}).get("broker_saved_as")
+                    self.o.images.append({"mime": mime, "data": blob,
+                                          "saved_as": saved if isinstance(saved, list) else []})
                     break
         self.o.outputs.append(dict(out))
 

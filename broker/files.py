@@ -276,12 +276,9 @@ class SessionFiles:
         tmp = f".{name[:80]}.upload-{secrets.token_hex(6)}"
         digest, size = hashlib.sha256(), 0
         try:
-            if not overwrite:
-                try:
-                    os.stat(name, dir_fd=pfd, follow_symlinks=False)
-                    raise FileError(f"{rel!r} already exists (set overwrite to replace it)")
-                except FileNotFoundError:
-                    pass
+            existing = self._existing(name, pfd, rel, allow_dir=False)
+            if existing is not None and not overwrite:
+                raise FileError(f"{rel!r} already exists (set overwrite to replace it)")
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=pfd)
             try:
                 for chunk in chunks:
@@ -310,6 +307,26 @@ class SessionFiles:
         return {"path": rel, "size": size, "sha256": digest.hexdigest()}
 
     @staticmethod
+    def _existing(name: str, pfd: int, rel: str, allow_dir: bool) -> os.stat_result | None:
+        """The stat of an existing entry that may be replaced or deleted; a
+        symbolic link, FIFO, socket or device planted in /mnt/data is refused
+        (never followed, replaced or removed through the API)."""
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            raise FileError(f"{rel!r} is a symbolic link; links in /mnt/data are not followed, replaced or deleted "
+                            "by the broker")
+        if stat.S_ISDIR(st.st_mode):
+            if allow_dir:
+                return st
+            raise NotARegularFile(f"{rel!r} is a folder")
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(f"{rel!r} is not a regular file (FIFO, socket or device); it is left alone")
+        return st
+
+    @staticmethod
     def _unlink_quiet(name: str, dir_fd: int) -> None:
         try:
             os.unlink(name, dir_fd=dir_fd)
@@ -325,7 +342,9 @@ class SessionFiles:
         except OSError as exc:
             raise self._error(exc, rel) from None
         try:
-            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            st = self._existing(name, pfd, rel, allow_dir=True)
+            if st is None:
+                raise FileNotFoundError(errno.ENOENT, "No such file or directory", rel)
             if stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(name, dir_fd=pfd)  # fd-based, never follows links
             else:

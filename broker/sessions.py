@@ -341,11 +341,18 @@ class SessionManager(LoggingConfigurable):
         while len(self._pool) < self.pool_size and not self._closing:
             if len(self.sessions) + len(self._pool) + sum(self._reserved.values()) >= self.max_sessions:
                 return
+            s = None
             try:
                 s = await self._new_session("", None)
                 if self.pool_preload.strip():
                     await self._preload(s)
-            except Exception as exc:
+            except BaseException as exc:
+                # A kernel started but not pooled (preload failed, or shutdown
+                # cancelled us) is nobody's: stop it and unmount its folder.
+                if s is not None:
+                    await self._delete(s)
+                if not isinstance(exc, Exception):
+                    raise
                 self.log.warning("could not start a pooled kernel: %s", exc)
                 await asyncio.sleep(5)
                 continue
@@ -381,8 +388,13 @@ class SessionManager(LoggingConfigurable):
     async def _delete(self, s: Session) -> None:
         s.deleted = True
         self.sessions.pop(s.id, None)
-        await s.stop_kernel()
-        self._remove_dir(s)
+        try:
+            await s.stop_kernel()
+        finally:
+            # Even when cancelled (shutdown stops the culler mid-delete): the
+            # session is already gone from the table, so nothing else would
+            # unmount and remove its folder.
+            self._remove_dir(s)
 
     def _remove_dir(self, s: Session) -> None:
         if prereq.is_root():

@@ -257,7 +257,7 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     outcome = await s.manager.executor.run(kernel, code, timeout)
     s.touch()
     after = files.snapshot()
-    images, links, seen = [], [], set()
+    images, links, seen, saved_images = [], [], set(), set()
     # Image files the code saved (savefig) or changed.
     for path in _changes(before, after):
         size = after[path][0]
@@ -267,6 +267,7 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
             except FileError:
                 continue
             seen.add(hashlib.sha256(blob).hexdigest())
+            saved_images.add(f"/mnt/data/{path}")
             images.append(ctx.image_entry(path, blob, guess_type(path)))
         else:
             links.append(ctx.file_entry(path, size))
@@ -274,7 +275,9 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     # /mnt/data/outputs so they can be downloaded like any file.
     for n, img in enumerate(outcome.images, 1):
         digest = hashlib.sha256(img["data"]).hexdigest()
-        if digest in seen:
+        # A figure saved with savefig and then shown is reported once, as the
+        # saved file (the kernel marks the display with where it was saved).
+        if digest in seen or saved_images.intersection(img.get("saved_as", [])):
             continue
         seen.add(digest)
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg",

@@ -66,6 +66,73 @@ def _broker_sandbox_startup():
 
     ip.events.register("post_execute", _no_auto_display)
 
+    # A figure saved with savefig and then shown (plt.show(), display(fig))
+    # is one chart: its display carries the file it was saved to in the
+    # metadata ("broker_saved_as"), so a client that already shows the saved
+    # file can skip the display.  Figure.savefig is wrapped when
+    # matplotlib.figure is first imported (not before: importing matplotlib at
+    # start would slow every kernel).  A figure changed after it was saved is
+    # stale again and its display carries no mark.
+    import importlib.machinery
+    import os
+    import sys
+
+    def _mark_saves(module):
+        figure_cls = module.Figure
+        native = figure_cls.savefig
+
+        def savefig(self, fname, *args, **kwargs):
+            result = native(self, fname, *args, **kwargs)
+            if isinstance(fname, (str, os.PathLike)):
+                path = os.path.abspath(os.fspath(fname))
+                saved = getattr(self, "_broker_saved_as", [])
+                self._broker_saved_as = [p for p in saved if p != path] + [path]
+                # savefig leaves the figure stale (it restores dpi and colours);
+                # as drawn now it is what was saved.
+                self.stale = False
+            return result
+
+        savefig.__doc__ = native.__doc__
+        savefig.__wrapped__ = native
+        figure_cls.savefig = savefig
+
+    class _FigureImportHook:
+        def find_spec(self, name, path=None, target=None):
+            if name != "matplotlib.figure":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.machinery.PathFinder.find_spec(name, path)
+            if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+                return spec
+            exec_module = spec.loader.exec_module
+
+            def exec_and_mark(module):
+                exec_module(module)
+                _mark_saves(module)
+
+            spec.loader.exec_module = exec_and_mark
+            return spec
+
+    if "matplotlib.figure" in sys.modules:
+        _mark_saves(sys.modules["matplotlib.figure"])
+    else:
+        sys.meta_path.insert(0, _FigureImportHook())
+
+    formatter = ip.display_formatter
+    native_format = formatter.format
+
+    def _format(obj, include=None, exclude=None):
+        # Looked at before formatting: rendering the figure leaves it stale.
+        saved = getattr(obj, "_broker_saved_as", None)
+        unchanged = getattr(obj, "stale", True) is False
+        data, md = native_format(obj, include=include, exclude=exclude)
+        if saved and unchanged:
+            md = dict(md or {})
+            md["broker_saved_as"] = list(saved)
+        return data, md
+
+    formatter.format = _format
+
 
 _broker_sandbox_startup()
 del _broker_sandbox_startup

@@ -113,3 +113,25 @@ def host_listeners():
     yield made
     for item in made.values():
         item.close()
+
+
+# -- the REST API against a real `broker serve` subprocess (tests/test_api_*.py) --
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """One broker with the default configuration, shared by the API test
+    modules (each test makes its own sessions)."""
+    from tests.broker_server import BrokerProcess
+
+    b = BrokerProcess(str(tmp_path_factory.mktemp("broker")))
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def session(broker):
+    """A fresh session of owner alice on the shared broker, deleted afterwards."""
+    sid = broker.create_session("alice")
+    yield sid
+    broker.delete_session(sid, "alice")

@@ -35,13 +35,22 @@ class FilesHandler(BaseHandler):
             if length > cap:
                 raise FileTooLarge(f"upload of {length} bytes is over the {self.sessions.max_upload_bytes} byte limit "
                                    "(SessionManager.max_upload_bytes)")
-            self.request.connection.set_max_body_size(cap)
+            # Tornado's own limit sits above the cap, so that a body without a
+            # Content-Length (chunked) reaches data_received, which answers 413.
+            self.request.connection.set_max_body_size(cap + SLACK)
             self._cap = cap
 
     def data_received(self, chunk):
+        if self._finished:
+            return
         self._size += len(chunk)
         if self._size > self._cap:
-            raise FileTooLarge(f"upload is over the {self.sessions.max_upload_bytes} byte limit")
+            # Answer 413 at once (raising here would only drop the connection);
+            # tornado then stops delivering the body and closes the connection.
+            self._chunks = []
+            self._handle_request_exception(FileTooLarge(
+                f"upload is over the {self.sessions.max_upload_bytes} byte limit (SessionManager.max_upload_bytes)"))
+            return
         self._chunks.append(chunk)
 
     async def get(self, sid):
