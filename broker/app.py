@@ -139,10 +139,25 @@ class ServeApp(Application):
             self.load_config_file(self.config_file)
             # the command line wins over the file
             self.update_config(self.cli_config)
+        self.init_limits()
         self.init_sandbox_check()
         self.init_auth()
         self.init_sessions()
         self.init_webapp()
+
+    def init_limits(self):
+        """Each session holds a few dozen descriptors (ZeroMQ sockets, the
+        kernel's pipes, WebSocket clients): raise the soft open-files limit
+        to the hard one so a busy broker does not run out."""
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = hard if hard != resource.RLIM_INFINITY else 1 << 20
+        if soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            except (ValueError, OSError) as exc:
+                self.log.warning("could not raise the open-files limit from %s: %s", soft, exc)
 
     def init_sandbox_check(self):
         from broker.errors import SandboxUnavailable
@@ -307,7 +322,16 @@ class ReplayApp(Application):
             print(f"broker replay: {exc.message}", file=sys.stderr)
             self.exit(2)
         out = self.output or (src[:-6] if src.endswith(".ipynb") else src) + ".replayed.ipynb"
-        reports = asyncio.run(self._run(replay, nb, uploads, out))
+        from broker.errors import BrokerError
+
+        try:
+            reports = asyncio.run(self._run(replay, nb, uploads, out))
+        except (BrokerError, OSError) as exc:
+            # The replay could not run (broker unreachable or refusing, no
+            # sandbox): one line, not a traceback.  OSError covers requests'.
+            why = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+            print(f"broker replay: {why}", file=sys.stderr)
+            self.exit(2)
         bad = [r for r in reports if not r.match]
         print(f"{len(reports) - len(bad)} of {len(reports)} cells match; replayed notebook: {out}")
         self.exit(0 if not bad else 1)
