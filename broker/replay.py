@@ -118,9 +118,29 @@ class Plan:
     uploads: list = field(default_factory=list)
 
 
+def _invalid(exc) -> str:
+    """A one-line account of a schema error: where, and what is wrong."""
+    path = list(getattr(exc, "absolute_path", None) or [])
+    where = "".join(f"[{p}]" if isinstance(p, int) else (f".{p}" if i else str(p)) for i, p in enumerate(path))
+    msg = exc.message
+    for key in ("cell_type", "output_type"):
+        wrong = [c for c in (getattr(exc, "context", None) or [])
+                 if c.validator == "enum" and list(c.relative_path)[-1:] == [key]]
+        if wrong:
+            allowed = sorted({v for c in wrong for v in c.validator_value})
+            msg = f"{key} {wrong[0].instance!r} is not one of {', '.join(allowed)}"
+            break
+    if len(msg) > 200:
+        msg = msg[:200] + "…"
+    return f"{where}: {msg}" if where else msg
+
+
 def load(path: str) -> nbformat.NotebookNode:
+    # Read and validate without nbformat.read, which logs the whole invalid
+    # notebook before returning it.
     try:
-        nb = nbformat.read(path, as_version=4)
+        with open(path, encoding="utf-8") as fh:
+            nb = nbformat.convert(nbformat.reader.reads(fh.read()), 4)
     except FileNotFoundError:
         raise ReplayError(f"{path}: no such file") from None
     except Exception as exc:
@@ -128,7 +148,7 @@ def load(path: str) -> nbformat.NotebookNode:
     try:
         nbformat.validate(nb)
     except nbformat.ValidationError as exc:
-        raise ReplayError(f"{path} is not a valid nbformat v4 notebook: {exc.message}") from None
+        raise ReplayError(f"{path} is not a valid nbformat v4 notebook: {_invalid(exc)}") from None
     return nb
 
 

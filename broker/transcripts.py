@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import datetime
-import json
 import os
 import secrets
 import threading
@@ -91,8 +90,14 @@ class Transcript:
                 if mime.startswith("image/") and mime != "image/svg+xml":
                     if len(value) * 3 // 4 > self.settings.max_image_bytes:
                         del data[mime]
-                        data.setdefault("text/plain", f"[transcript: {mime} image larger than "
-                                                      f"{self.settings.max_image_bytes} bytes not kept]")
+                        # Visible even when the output has its own text/plain
+                        # (matplotlib's "<Figure size ...>").
+                        notice = (f"[transcript: {mime} image larger than {self.settings.max_image_bytes} "
+                                  "bytes not kept]")
+                        plain = data.get("text/plain")
+                        if isinstance(plain, list):
+                            plain = "".join(plain)
+                        data["text/plain"] = f"{plain}\n{notice}" if plain else notice
                 elif isinstance(value, str):
                     data[mime] = self._cut(value)
         elif out.get("output_type") == "error":
@@ -103,11 +108,19 @@ class Transcript:
         nbformat.validate(self.nb)
         d = os.path.dirname(self.path)
         tmp = os.path.join(d, f".transcript.{secrets.token_hex(4)}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            nbformat.write(self.nb, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                nbformat.write(self.nb, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            # A failed write (disk full) leaves the previous version and no temporary file.
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     def _append(self, cell) -> None:
         with self._lock:
@@ -166,5 +179,8 @@ class Transcript:
                       ended=ended)
 
     def to_json(self) -> str:
+        """The notebook as written to disk (nbformat's layout), so what the
+        endpoint serves and what ``broker transcript`` prints are the same bytes."""
         with self._lock:
-            return json.dumps(self.nb, indent=1, ensure_ascii=False)
+            text = nbformat.writes(self.nb)
+        return text if text.endswith("\n") else text + "\n"
