@@ -24,7 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SANDBOX_DIR = "/run/sandbox"
 DATA_DIR = "/mnt/data"
 READ_ONLY_TREES = ["/usr", "/etc", "/proc", "/dev", "/lib", "/lib64", "/bin", SANDBOX_DIR]
-WRITABLE_TREES = [DATA_DIR, "/tmp", "/dev/shm", "/run/kernel", "/dev/null"]
+WRITABLE_TREES = [DATA_DIR, "/tmp", "/dev/shm", "/dev/null"]
+# The ZeroMQ ipc sockets: the broker connects to these paths from the host,
+# so nothing but sockets may be made there (a symlink would be followed).
+SOCKET_TREES = ["/run/kernel"]
 
 
 def _parse(argv):
@@ -53,7 +56,7 @@ def lock_down(seccomp_path: str, landlock: str) -> dict:
         read = list(READ_ONLY_TREES) + [sys.prefix, sys.base_prefix, HERE]
         read += [p for p in sys.path if p and os.path.isabs(p)]
         try:
-            state["landlock_abi"] = lockdown.apply_landlock(read, WRITABLE_TREES)
+            state["landlock_abi"] = lockdown.apply_landlock(read, WRITABLE_TREES, SOCKET_TREES)
         except OSError as exc:
             # Best effort: the namespaces are the file-system wall, Landlock
             # a second one.  Report and go on.

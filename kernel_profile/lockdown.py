@@ -122,13 +122,17 @@ def landlock_abi() -> int:
         return 0
 
 
-def apply_landlock(read_paths, write_paths) -> int:
+def apply_landlock(read_paths, write_paths, socket_paths=()) -> int:
     """Restrict this thread to the given trees, best effort by ABI.
 
     Returns the ABI applied (0 when Landlock is unavailable).  The mount
     namespace already hides everything else; Landlock is a second wall
     against a mistake in the mount layout, and on ABI >= 4/6 it also denies
     TCP and scopes abstract unix sockets and signals.
+
+    *socket_paths* (the ipc folder the broker connects to from the host) get
+    only what binding a unix socket needs: no symlinks, files or folders the
+    broker could be led through.
     """
     abi = landlock_abi()
     if abi <= 0:
@@ -145,7 +149,8 @@ def apply_landlock(read_paths, write_paths) -> int:
     ruleset = _syscall("landlock_create_ruleset", ctypes.byref(attr), ctypes.c_size_t(size),
                        ctypes.c_uint32(0))
     try:
-        for paths, rights in ((read_paths, _READ), (write_paths, _READ | write_rights)):
+        for paths, rights in ((read_paths, _READ), (write_paths, _READ | write_rights),
+                              (socket_paths, _READ | FS_MAKE_SOCK | FS_REMOVE_FILE)):
             for path in paths:
                 try:
                     fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
