@@ -301,7 +301,7 @@ class ReplayApp(Application):
     token = Unicode("", config=True, help="Token for --url (default: $BROKER_TOKEN).")
     output = Unicode("", config=True, help="Where to write the replayed notebook (default: NAME.replayed.ipynb).")
     aliases = {"files": "ReplayApp.files", "url": "ReplayApp.url", "token": "ReplayApp.token",
-               "o": "ReplayApp.output", "output": "ReplayApp.output", "data-root": "SessionManager.data_root"}
+               "o": "ReplayApp.output", "output": "ReplayApp.output"}
 
     @property
     def classes(self):

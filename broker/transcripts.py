@@ -43,6 +43,8 @@ def now_iso() -> str:
 
 
 class TranscriptSettings(LoggingConfigurable):
+    """How much of each output a session's transcript keeps."""
+
     max_output_chars = Integer(100_000, min=1000, config=True, help="""Characters of text kept per output in a
         transcript (stream text and text/* data); the rest is cut with a visible notice.""")
     max_image_bytes = ByteSize(4 << 20, config=True, help="""Largest image (decoded) kept in a transcript; larger
