@@ -399,4 +399,5 @@ class SessionManager(LoggingConfigurable):
     def _remove_dir(self, s: Session) -> None:
         if prereq.is_root():
             volume.unmount(s.data_dir)
+            volume.unmount(s.rt_dir)
         shutil.rmtree(s.dir, ignore_errors=True)

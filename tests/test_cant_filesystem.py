@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import shutil
 import stat
@@ -593,3 +594,67 @@ out["list"] = sorted(os.listdir("/run/kernel"))
     if sorted(os.listdir(rt)) != [f"k-{i}" for i in range(1, 6)]:
         restart(kernel)
     assert kernel.answers()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the nosymfollow runtime mount is made by a root broker")
+def test_cant_redirect_broker_through_runtime_symlink_without_landlock(no_landlock_kernel):
+    """Without Landlock the kernel can plant a symlink in /run/kernel; the
+    runtime folder is a nosymfollow tmpfs, so a client connecting there (the
+    broker, as root) still never reaches the socket the link names."""
+    import socket
+    import threading
+
+    k = no_landlock_kernel
+    d = tempfile.mkdtemp(prefix="cant-rt-nl-")
+    target = os.path.join(d, "host.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(target)
+    srv.listen(4)
+    srv.settimeout(0.2)
+    hits, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            hits.append(1)
+            conn.close()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    rt = k.provisioner.rt_dir
+    try:
+        r = k.run(f"""
+            import os
+            os.symlink({target!r}, "/run/kernel/k-3.tmp")
+            os.rename("/run/kernel/k-3.tmp", "/run/kernel/k-3")
+            print(os.readlink("/run/kernel/k-3"))
+        """)
+        assert r.stdout.strip() == target, r     # the plant itself works without Landlock
+        assert os.path.islink(os.path.join(rt, "k-3"))
+        with pytest.raises(OSError) as exc:      # and is not followed on the host
+            c = socket.socket(socket.AF_UNIX)
+            try:
+                c.connect(os.path.join(rt, "k-3"))
+            finally:
+                c.close()
+        assert exc.value.errno == errno.ELOOP, exc.value
+        from jupyter_client.session import Session
+
+        client = k.km.client(session=Session(key=k.km.session.key))
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=30)
+            time.sleep(0.3)
+        finally:
+            client.stop_channels()
+        assert not hits, "a client connected to a host socket through a planted symlink"
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)
+    k.restart()
+    assert k.answers()

@@ -122,6 +122,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
     _identity: identity.Identity | None = None
     _cgroup: cgroups.Cgroup | None = None
     _mounted_volume = False
+    _mounted_rt = False
     rt_dir: str = ""
     sandbox_data_dir: str = ""
 
@@ -162,6 +163,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
                     self.log.warning(msg)
             if os.stat(data_dir).st_uid != ident.uid:
                 identity.chown_tree(data_dir, ident.uid, ident.gid)
+            self._mounted_rt = volume.mount_runtime(rt_dir, ident.uid, ident.gid, self._tools)
             os.chown(rt_dir, ident.uid, ident.gid)
             os.chmod(data_dir, 0o700)
             os.makedirs(os.path.join(self.state_dir, "stage"), mode=0o755, exist_ok=True)
@@ -271,6 +273,9 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         if self._mounted_volume:
             volume.unmount(self.sandbox_data_dir)
             self._mounted_volume = False
+        if self._mounted_rt:
+            volume.unmount(self.rt_dir)
+            self._mounted_rt = False
         if self._identity:
             self._identity.release()
             self._identity = None

@@ -72,3 +72,26 @@ def unmount(folder: str, tools: dict | None = None) -> None:
         # Busy: a process still has a file open.  Detach lazily so the
         # mount goes away when it closes.
         subprocess.run([umount, "-l", folder], capture_output=True, text=True)
+
+
+RUNTIME_OPTIONS = "nosuid,nodev,noexec,nosymfollow,size=1m,nr_inodes=64"
+
+
+def mount_runtime(folder: str, uid: int, gid: int, tools: dict) -> bool:
+    """Mount a small tmpfs with ``nosymfollow`` on the kernel's socket folder.
+
+    The kernel must be able to create its sockets there, so it can also put
+    a symlink where a socket should be; the broker (root) would then connect
+    to whatever the link names.  On a ``nosymfollow`` mount no symlink is
+    ever followed, by anyone.  Returns True if this call mounted it.
+    """
+    if is_mounted(folder):
+        return False
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    opts = f"{RUNTIME_OPTIONS},mode=0700,uid={uid},gid={gid}"
+    r = subprocess.run([tools["mount"], "-t", "tmpfs", "-o", opts, "broker-rt", folder],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SandboxError(f"mounting the kernel's runtime folder {folder} (tmpfs, nosymfollow) failed: "
+                           f"{r.stderr.strip()}; Linux 5.10 or newer is needed for nosymfollow")
+    return True
