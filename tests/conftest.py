@@ -135,3 +135,26 @@ def session(broker):
     sid = broker.create_session("alice")
     yield sid
     broker.delete_session(sid, "alice")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Safety net: a loop-mounted /mnt/data or a runtime tmpfs left under
+    this run's temp folder (a broker killed mid-test) would make pytest's
+    clean-up of old temp folders fail in a later run.  Unmount them, and say
+    so: a leak is a bug to look at."""
+    import subprocess
+
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    try:
+        base = str(factory.getbasetemp())
+    except (OSError, ValueError):
+        return
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    leaked = sorted((p for p in points if p.startswith(base + "/")), key=len, reverse=True)
+    for p in leaked:
+        subprocess.run(["umount", "-l", p], capture_output=True)
+    if leaked:
+        print(f"\nconftest: unmounted {len(leaked)} mount(s) left under {base}: {leaked[:5]}")
