@@ -340,6 +340,7 @@ def host_stage_timers(stages: dict[str, float], marks: dict[str, float]):
     wrap(prereq, "check_all", "host: prerequisite checks (cached after a process's first start)")
     wrap(identity, "lease_uid", "host: uid lease")
     wrap(volume, "ensure", "host: quota image (mkfs.ext4 + loop mount)")
+    wrap(volume, "mount_runtime", "host: runtime folder tmpfs (nosymfollow)")
     wrap(identity, "chown_tree", "host: chown of the data folder")
     wrap(cgroups, "detect", "host: cgroup detect")
     wrap(cgroups.Cgroup, "create", "host: cgroup create")
