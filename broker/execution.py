@@ -66,7 +66,7 @@ class SessionKernel:
     def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str, env: dict | None = None):
         self.km = AsyncKernelManager(kernel_name=SANDBOX_KERNEL, kernel_spec_manager=BrokerKernelSpecManager(),
                                      parent=parent, kernel_id=kernel_id)
-        self.opts = {"data_dir": data_dir, "rt_dir": rt_dir, "env": dict(env or {})}
+        self.opts = {"data_dir": data_dir, "rt_dir": rt_dir, "env": dict(env or {}), "managed": True}
         self.client = None
         self.restarts = 0
 

@@ -209,6 +209,9 @@ class SessionManager(LoggingConfigurable):
     def restore(self) -> int:
         """Read back sessions left on disk by an earlier run."""
         os.makedirs(self.data_root, mode=0o711, exist_ok=True)
+        from broker.sandbox import cgroups
+
+        cgroups.sweep_empty()   # groups of kernels from an earlier run that did not shut down
         n = 0
         for sid in os.listdir(self.data_root):
             meta_path = os.path.join(self.data_root, sid, "meta.json")

@@ -49,6 +49,52 @@ def detect() -> str | None:
     return None
 
 
+def _v2_base() -> str:
+    """The broker's own v2 group (its parent, once it moved into broker-main)."""
+    own = _own_path(None).rstrip("/")
+    if own.endswith("/broker-main"):
+        own = own[: -len("/broker-main")]
+    return os.path.join(CGROOT, own.lstrip("/"))
+
+
+def _enable_v2_controllers(d: str) -> None:
+    """Enable memory, pids and cpu for d's children.  cgroup v2 refuses that
+    (EBUSY) while d itself holds processes — the broker's own group, usually.
+    Then the broker moves itself into a leaf ``broker-main`` beside its
+    sandboxes and tries again, as a delegated service manager would."""
+    ctl = os.path.join(d, "cgroup.subtree_control")
+    try:
+        _write(ctl, "+memory +pids +cpu")
+        return
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise OSError(exc.errno, f"cannot enable controllers in {d} ({exc.strerror}); give the broker a "
+                          "delegated cgroup subtree (systemd: Delegate=yes)") from None
+    leaf = os.path.join(d, "broker-main")
+    os.makedirs(leaf, exist_ok=True)
+    _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+    try:
+        _write(ctl, "+memory +pids +cpu")
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot enable controllers in {d} even after moving the broker into "
+                      f"{leaf} ({exc.strerror}): other processes share the broker's cgroup; run the broker "
+                      "in a cgroup of its own (systemd: Delegate=yes)") from None
+
+
+def _rebalance_cpu(parent: str, version: str) -> None:
+    """The sandboxes' parent group competes with its siblings (the broker
+    itself, other services) as one: weigh it like as many processes as it
+    holds sandboxes, so a loaded machine does not starve them as a block."""
+    try:
+        n = max(1, sum(1 for e in os.scandir(parent) if e.is_dir()))
+        if version == "v2":
+            _write(os.path.join(parent, "cpu.weight"), str(min(10000, 100 * n)))
+        else:
+            _write(os.path.join(parent, "cpu.shares"), str(min(262144, 1024 * n)))
+    except OSError:
+        pass
+
+
 class Cgroup:
     """One sandbox's group(s).  ``procs_files`` are what the launcher joins."""
 
@@ -66,15 +112,11 @@ class Cgroup:
         period = 100_000
         quota = max(1000, int(cpu * period))
         if version == "v2":
-            own = os.path.join(CGROOT, _own_path(None).lstrip("/"))
+            own = _v2_base()
             parent = os.path.join(own, PARENT)
             os.makedirs(parent, exist_ok=True)
-            for d in (own, parent):
-                try:
-                    _write(os.path.join(d, "cgroup.subtree_control"), "+memory +pids +cpu")
-                except OSError as exc:
-                    raise OSError(exc.errno, f"cannot enable controllers in {d} ({exc.strerror}); "
-                                  "give the broker a delegated cgroup subtree (systemd: Delegate=yes)") from None
+            _enable_v2_controllers(own)
+            _enable_v2_controllers(parent)
             path = os.path.join(parent, name)
             os.makedirs(path, exist_ok=True)
             _write(os.path.join(path, "memory.max"), str(memory))
@@ -85,6 +127,7 @@ class Cgroup:
                     pass
             _write(os.path.join(path, "pids.max"), str(pids))
             _write(os.path.join(path, "cpu.max"), f"{quota} {period}")
+            _rebalance_cpu(parent, version)
             return cls(name, version, [path])
         dirs = []
         for ctl in _V1_CONTROLLERS:
@@ -104,6 +147,7 @@ class Cgroup:
             elif ctl == "cpu":
                 _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
                 _write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
+                _rebalance_cpu(os.path.dirname(path), version)
         return cls(name, version, dirs)
 
     def pids(self) -> set[int]:
@@ -171,3 +215,49 @@ class Cgroup:
                     if exc.errno != errno.EBUSY:
                         break
                     time.sleep(0.02)
+            if d.startswith(os.path.join(CGROOT, "cpu") + "/") or self.version == "v2":
+                _rebalance_cpu(os.path.dirname(d), self.version)
+
+
+def remove_named(name: str) -> None:
+    """Remove a sandbox group by name in every hierarchy, if it is empty."""
+    version = detect()
+    if version is None:
+        return
+    if version == "v2":
+        dirs = [os.path.join(_v2_base(), PARENT, name)]
+    else:
+        dirs = [os.path.join(CGROOT, c, _own_path(c).lstrip("/"), PARENT, name) for c in _V1_CONTROLLERS]
+    Cgroup(name, version, [d for d in dirs if os.path.isdir(d)]).remove()
+
+
+def sweep_empty(min_age: float = 60.0) -> int:
+    """Remove sandbox groups left empty by a broker or client that died
+    without cleaning up.  Only groups older than *min_age* seconds: a group is
+    briefly empty between its creation and the launch that joins it."""
+    version = detect()
+    if version is None:
+        return 0
+    if version == "v2":
+        parents = [os.path.join(_v2_base(), PARENT)]
+    else:
+        parents = [os.path.join(CGROOT, c, _own_path(c).lstrip("/"), PARENT) for c in _V1_CONTROLLERS]
+    now, removed = time.time(), 0
+    for parent in parents:
+        try:
+            entries = [e for e in os.scandir(parent) if e.is_dir() and e.name.startswith(("k-", "sh-"))]
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                if now - e.stat().st_mtime < min_age:
+                    continue
+                with open(os.path.join(e.path, "cgroup.procs")) as fh:
+                    if fh.read().strip():
+                        continue
+                os.rmdir(e.path)
+                removed += 1
+            except OSError:
+                continue
+        _rebalance_cpu(parent, version)
+    return removed

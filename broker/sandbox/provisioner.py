@@ -14,6 +14,7 @@ created one.  ``cleanup(restart=False)`` releases all of them.
 from __future__ import annotations
 
 import functools
+import fcntl
 import json
 import os
 import shutil
@@ -83,6 +84,50 @@ def _isolated_sys_path() -> tuple[str, ...]:
         return ()
 
 
+OWN_ROOT_PREFIX = "broker-kernel-"
+
+
+def sweep_stale_roots(tools: dict) -> list[str]:
+    """Remove temporary kernel folders whose kernel is gone without a clean
+    shutdown (a client that exited, a killed process): unmount what is
+    mounted there, remove its cgroup, delete the folder.  A folder is stale
+    when nobody holds its ``.lock``."""
+    removed = []
+    cgroups.sweep_empty()
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(OWN_ROOT_PREFIX)]
+    except OSError:
+        return removed
+    for name in names:
+        root = os.path.join(tmp, name)
+        lock = os.path.join(root, ".lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            if prereq.is_root():
+                for sub in ("data", "rt"):
+                    volume.unmount(os.path.join(root, sub), tools)
+            try:
+                with open(os.path.join(root, ".kernel-id")) as fh:
+                    kid = fh.read().strip()
+                if kid:
+                    cgroups.remove_named(f"k-{kid}")
+            except OSError:
+                pass
+            shutil.rmtree(root, ignore_errors=True)
+            removed.append(root)
+        finally:
+            os.close(fd)
+    return removed
+
+
 _KERNEL_VAR = __import__("re").compile(r"^KERNEL_[A-Z0-9_]{1,64}$")
 
 
@@ -123,6 +168,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
     _cgroup: cgroups.Cgroup | None = None
     _mounted_volume = False
     _mounted_rt = False
+    _root_lock: int | None = None
     rt_dir: str = ""
     sandbox_data_dir: str = ""
 
@@ -134,8 +180,16 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         data_dir = opts.get("data_dir") or self.data_dir or os.environ.get("BROKER_KERNEL_DATA_DIR", "")
         rt_dir = opts.get("rt_dir", "")
         if not data_dir or not rt_dir:
-            self._own_root = tempfile.mkdtemp(prefix="broker-kernel-")
+            sweep_stale_roots(self._tools)
+            self._own_root = tempfile.mkdtemp(prefix=OWN_ROOT_PREFIX)
             os.chmod(self._own_root, 0o711)
+            # Held while this kernel lives: a root whose lock is free belongs
+            # to a client that went away without shutting its kernel down.
+            self._root_lock = os.open(os.path.join(self._own_root, ".lock"),
+                                      os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._root_lock, fcntl.LOCK_EX)
+            with open(os.path.join(self._own_root, ".kernel-id"), "w") as fh:
+                fh.write(str(self.kernel_id or ""))
         if not data_dir:
             data_dir = os.path.join(self._own_root, "data")
         if not rt_dir:
@@ -148,15 +202,23 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
                                f"(at most {SUN_PATH_MAX - 4} characters); use a shorter data root")
         self.sandbox_data_dir, self.rt_dir = data_dir, rt_dir
 
+        managed = bool(opts.get("managed")) or self._own_root is not None and data_dir.startswith(self._own_root)
         if prereq.is_root():
+            # The quota image goes only on folders the broker made: mounted
+            # over a folder you named, your files would seem to vanish into
+            # the image (quota='loop' forces it).
+            want_quota = self.quota == "loop" or (self.quota == "auto" and managed)
+            if want_quota and os.path.exists(volume.image_path(data_dir)):
+                # Mount an existing image first: the uid follows the owner of
+                # what is inside it, not of the empty mount point.
+                self._mounted_volume = volume.ensure(data_dir, self.data_quota, 0, 0, self._tools)
             owner = os.stat(data_dir).st_uid
             self._identity = identity.lease_uid(os.path.join(self.state_dir, "uids"), self.uid_range_start,
                                                 self.uid_range_size, preferred=owner)
             ident = self._identity
-            want_quota = self.quota in ("auto", "loop")
-            if want_quota:
+            if want_quota and not volume.is_mounted(data_dir):
                 self._mounted_volume = volume.ensure(data_dir, self.data_quota, ident.uid, ident.gid, self._tools)
-                if not self._mounted_volume and not volume.is_mounted(data_dir):
+                if not self._mounted_volume:
                     msg = f"{data_dir} already holds files and has no quota image; only RLIMIT_FSIZE caps it"
                     if self.quota == "loop":
                         raise SandboxError(msg)
@@ -285,6 +347,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
                 os.unlink(img)
             shutil.rmtree(self._own_root, ignore_errors=True)
             self._own_root = None
+            os.close(self._root_lock)
         self._prepared = False
 
     async def get_provisioner_info(self) -> dict:
