@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import InvalidArgument, NotFound
-from broker.files import FileError, SessionFiles, guess_type, is_image, normalise
+from broker.files import FileError, guess_type, is_image, normalise
 from broker.sandbox.shell import run_shell
 
 MAX_CODE = 20_000

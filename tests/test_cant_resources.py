@@ -16,7 +16,7 @@ import pytest
 from traitlets.config import Config
 
 from broker.sandbox.settings import GiB, MiB, SandboxSettings
-from tests.cant_support import ConfiguredKernel, kernel_python, probe, recover
+from tests.cant_support import ConfiguredKernel, kernel_python, recover
 
 DEFAULTS = SandboxSettings()
 
