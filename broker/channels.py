@@ -213,6 +213,7 @@ class IOPubHub:
             info = self.tracked.get(msg.parent_id)
             if info is not None and len(info["msgs"]) < 10_000:
                 info["msgs"].append({"header": msg.header, "msg_type": mtype, "content": msg.content()})
+        finished = None
         if mtype == "status":
             state = msg.content().get("execution_state")
             if state:
@@ -222,7 +223,7 @@ class IOPubHub:
                 self._out_bytes.pop(msg.parent_id, None)
                 self._notified.discard(msg.parent_id)
                 if info is not None:
-                    self._record(info)
+                    finished = info
                     files_msg = self._files_message(info)
                     if files_msg is not None:
                         out = [files_msg, msg]
@@ -234,6 +235,10 @@ class IOPubHub:
                     pass
             for conn in list(self.listeners.values()):
                 conn.deliver(m)
+        if finished is not None:
+            # After the clients have their idle: the transcript write (a whole
+            # notebook rewrite) is not part of the execution's latency.
+            self._record(finished)
 
 
 class ChannelConnection:
@@ -249,6 +254,10 @@ class ChannelConnection:
         self._detached_at: float | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self.closed = False
+        # Called once when these channels close (kernel deleted, broker
+        # shutting down, replaced by a newer client): the web layer closes
+        # the WebSocket instead of leaving it open and silent.
+        self.on_closed: Callable[[], None] | None = None
         self.jsession = JSession(key=hub.jsession.key, signature_scheme=hub.jsession.signature_scheme,
                                  session=session_id, username="broker")
         ctx = zmq.Context.instance()
@@ -336,3 +345,6 @@ class ChannelConnection:
             s.close()
         if self.hub.listeners.get(self.session_id) is self:
             del self.hub.listeners[self.session_id]
+        callback, self.on_closed = self.on_closed, None
+        if callback is not None:
+            callback()

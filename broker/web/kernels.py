@@ -230,7 +230,15 @@ class ChannelsHandler(websocket.WebSocketHandler):
                 self.conn = old
         else:
             self.conn = ChannelConnection(self.hub, self.client_session_id, self._deliver)
+        self.conn.on_closed = self._channels_closed
         self.session.touch()
+
+    def _channels_closed(self) -> None:
+        # The kernel was deleted, the broker is stopping, or a newer client
+        # took this session_id: say so rather than stay open and silent.
+        if self.ws_connection is not None and not self.ws_connection.is_closing():
+            self.close(1001, "kernel channels closed: kernel deleted, broker stopping, or a newer "
+                             "connection with this session_id")
 
     def _deliver(self, msg: KernelMessage) -> None:
         if self.ws_connection is None or self.ws_connection.is_closing():
@@ -254,6 +262,7 @@ class ChannelsHandler(websocket.WebSocketHandler):
                 channel, parts = decode_legacy(message)
             self.conn.send(channel, parts, self.links)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.closed_by_us = True
             self.close(1008, f"malformed message: {str(exc)[:100]}")
             return
         self.session.touch()
@@ -261,7 +270,9 @@ class ChannelsHandler(websocket.WebSocketHandler):
     def on_close(self):
         conn = getattr(self, "conn", None)
         if conn is not None and conn.attached and conn._deliver == self._deliver:
-            if self.close_code == 1008:
+            # Not kept for a reconnect after a malformed frame (the client's
+            # close frame need not echo our 1008).
+            if self.closed_by_us or self.close_code == 1008:
                 conn.close()
             else:
                 conn.detach()
