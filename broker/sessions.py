@@ -259,7 +259,9 @@ class SessionManager(LoggingConfigurable):
         now = time.time()
         culled = []
         for s in list(self.sessions.values()):
-            if s.expires_at <= now and not s.lock.locked():
+            # Never under a running execution: a REST call holds the lock, a
+            # WebSocket client's cell shows as the kernel's busy state.
+            if s.expires_at <= now and not s.lock.locked() and s.execution_state != "busy":
                 self.log.info("session %s idle since %s: deleting", s.id, _iso(s.last_activity))
                 await self._delete(s)
                 culled.append(s.id)
@@ -276,6 +278,8 @@ class SessionManager(LoggingConfigurable):
             await asyncio.gather(self._pool_task, return_exceptions=True)
         pool, self._pool = self._pool, []
         await asyncio.gather(*(self._delete(s) for s in pool), return_exceptions=True)
+        await asyncio.gather(*(s._transcript.flush() for s in self.sessions.values() if s._transcript is not None),
+                             return_exceptions=True)
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
         if prereq.is_root():
             for s in self.sessions.values():

@@ -22,13 +22,17 @@ Format (see docs/transcripts.md):
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import datetime
+import logging
 import os
 import secrets
 import threading
 
 import nbformat
+import nbformat.v4
+import nbformat.validator
 from nbformat.v4 import new_code_cell, new_notebook, output_from_msg
 from traitlets import Integer
 from traitlets.config import LoggingConfigurable
@@ -52,13 +56,22 @@ class TranscriptSettings(LoggingConfigurable):
 
 
 class Transcript:
-    """One session's notebook.  Methods are called from the event loop; the
-    file is replaced atomically (write, fsync, rename) after each change."""
+    """One session's notebook.
+
+    Each change is applied in memory at once and the file is replaced
+    atomically (write, fsync, rename) after it.  Under an event loop the write
+    runs in a worker thread, coalesced (several changes during one write make
+    one more write), so a long transcript never stalls the broker; without a
+    loop (the CLI, plain use) it is written before the call returns.
+    ``flush()`` waits for the file to hold every change."""
 
     def __init__(self, path: str, settings: TranscriptSettings, session_id: str):
         self.path = path
         self.settings = settings
         self._lock = threading.Lock()
+        self._dirty = False
+        self._writer: asyncio.Task | None = None
+        self._error: Exception | None = None
         if os.path.exists(path):
             try:
                 self.nb = nbformat.read(path, as_version=4)
@@ -106,13 +119,24 @@ class Transcript:
             out["traceback"] = [self._cut(line) for line in out.get("traceback", [])][:200]
         return out
 
+    def _snapshot(self) -> str:
+        with self._lock:
+            nb = nbformat.NotebookNode(nbformat=self.nb.nbformat, nbformat_minor=self.nb.nbformat_minor,
+                                       metadata=copy.deepcopy(self.nb.metadata), cells=list(self.nb.cells))
+        # Cells are never changed once appended, so the list copy is enough;
+        # each was validated on its own when it was added.
+        text = nbformat.v4.writes(nb)
+        return text if text.endswith("\n") else text + "\n"
+
     def _save(self) -> None:
-        nbformat.validate(self.nb)
         d = os.path.dirname(self.path)
+        if not os.path.isdir(d):
+            return   # the session was deleted meanwhile
+        text = self._snapshot()
         tmp = os.path.join(d, f".transcript.{secrets.token_hex(4)}.tmp")
         try:
             with open(tmp, "w", encoding="utf-8") as fh:
-                nbformat.write(self.nb, fh)
+                fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path)
@@ -125,9 +149,42 @@ class Transcript:
             raise
 
     def _append(self, cell) -> None:
+        nbformat.validator.validate(cell, ref="code_cell", version=4, version_minor=self.nb.nbformat_minor)
         with self._lock:
             self.nb.cells.append(cell)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._dirty = True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._dirty = False
             self._save()
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._write_loop())
+
+    async def _write_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._dirty:
+            self._dirty = False
+            try:
+                await loop.run_in_executor(None, self._save)
+            except Exception as exc:
+                # The previous version stays whole; the next change retries.
+                self._error = exc
+                logging.getLogger("broker").error("could not write transcript %s: %s", self.path, exc)
+                return
+            self._error = None
+
+    async def flush(self) -> None:
+        """Wait until the file holds every change made so far."""
+        while self._writer is not None and not self._writer.done():
+            await asyncio.shield(self._writer)
+        if self._dirty:
+            self._dirty = False
+            await asyncio.get_running_loop().run_in_executor(None, self._save)
 
     # -- recording -------------------------------------------------------------------
     def add_code(self, code: str, outputs: list, *, tool: str, status: str, execution_count=None,
@@ -158,7 +215,7 @@ class Transcript:
         with self._lock:
             entry = dict(entry, time=now_iso(), before_cell=len(self.nb.cells))
             self.nb.metadata["broker"].setdefault(kind, []).append(entry)
-            self._save()
+        self._changed()
 
     def add_ws_execution(self, code: str, msgs: list, started: str, ended: str, status: str) -> None:
         outputs, count = [], None
@@ -183,6 +240,4 @@ class Transcript:
     def to_json(self) -> str:
         """The notebook as written to disk (nbformat's layout), so what the
         endpoint serves and what ``broker transcript`` prints are the same bytes."""
-        with self._lock:
-            text = nbformat.writes(self.nb)
-        return text if text.endswith("\n") else text + "\n"
+        return self._snapshot()

@@ -338,6 +338,7 @@ def test_transcript_is_replaced_atomically_while_read_concurrently(broker, sid):
     (an in-place rewrite would change what the open descriptors see)."""
     path = _on_disk(broker, sid)
     broker.run(sid, "print('first')")
+    fetch_transcript(broker, sid)   # the endpoint waits for the file to hold every change
     stop = threading.Event()
     seen = {"reads": 0, "bad": [], "versions": {}}   # sha256 -> (fd, inode, bytes)
 
@@ -396,6 +397,7 @@ def test_transcript_is_replaced_atomically_while_read_concurrently(broker, sid):
         for fd, _, _ in seen["versions"].values():
             os.close(fd)
     # The final version holds every execution, and no temporary file is left beside it.
+    fetch_transcript(broker, sid)
     nb = nbformat.read(path, as_version=4)
     assert len(nb.cells) == 13
     leftovers = [f for f in os.listdir(os.path.dirname(path)) if f.startswith(".transcript")]
@@ -416,15 +418,14 @@ def test_a_write_that_fails_midway_leaves_the_old_transcript(tmp_path, monkeypat
     with open(path, "rb") as fh:
         before = fh.read()
 
-    real_write = nbformat.write
+    real_fsync = transcripts.os.fsync
 
-    def half_write(nb, fh, *a, **kw):
-        text = nbformat.writes(nb)
-        fh.write(text[: len(text) // 2])
-        fh.flush()
+    def full_disk(fd):
+        # The new version is written to the temporary file; the device then
+        # refuses it (ENOSPC), as a full disk does at flush time.
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(transcripts.nbformat, "write", half_write)
+    monkeypatch.setattr(transcripts.os, "fsync", full_disk)
     with pytest.raises(OSError):
         t.add_code("print(2)", [{"output_type": "stream", "name": "stdout", "text": "2\n"}],
                    tool="ExecutePythonCode", status="success", execution_count=2, started=transcripts.now_iso(),
@@ -434,7 +435,7 @@ def test_a_write_that_fails_midway_leaves_the_old_transcript(tmp_path, monkeypat
     nbformat.validate(nbformat.read(path, as_version=4))
     assert sorted(os.listdir(tmp_path)) == ["transcript.ipynb"]
 
-    monkeypatch.setattr(transcripts.nbformat, "write", real_write)
+    monkeypatch.setattr(transcripts.os, "fsync", real_fsync)
     t.add_code("print(3)", [{"output_type": "stream", "name": "stdout", "text": "3\n"}], tool="ExecutePythonCode",
                status="success", execution_count=3, started=transcripts.now_iso(), ended=transcripts.now_iso())
     # The next successful write carries the cell whose write failed: nothing is lost.

@@ -52,6 +52,7 @@ routes = [
 class TranscriptHandler(BaseHandler):
     async def get(self, sid):
         s = self.sessions.get(sid, self.current_user)
+        await s.transcript.flush()
         self.set_header("Content-Type", "application/x-ipynb+json")
         self.set_header("Content-Disposition", f'attachment; filename="session-{sid}.ipynb"')
         self.finish(s.transcript.to_json())
