@@ -2,8 +2,9 @@
 
 Follows nbclient: one request, messages matched by ``parent_header.msg_id``,
 done when both the ``execute_reply`` and the matching ``status: idle`` have
-arrived, all against one monotonic deadline.  Outputs are converted with
-``nbformat.v4.output_from_msg`` so results and transcripts share a format.
+arrived, all against one monotonic deadline.  Rich outputs are kept as the
+kernel's messages and converted with ``nbformat.v4.output_from_msg`` by the
+transcript, after the call has answered.
 
 At the deadline the execution is interrupted through the control channel; if
 the kernel is not idle within ``interrupt_grace`` seconds it is restarted.  A
@@ -23,7 +24,6 @@ from dataclasses import dataclass, field
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
-from nbformat.v4 import output_from_msg
 from traitlets import Float, Integer
 from traitlets.config import LoggingConfigurable
 
@@ -188,7 +188,7 @@ class _Collector:
             self.stream(c.get("name", "stdout"), c.get("text", ""))
             return
         if t == "clear_output":
-            self.o.outputs = [x for x in self.o.outputs if x.get("output_type") == "error"]
+            self.o.outputs = [x for x in self.o.outputs if x.get("msg", {}).get("msg_type") == "error"]
             return
         if t not in ("display_data", "execute_result", "error", "update_display_data"):
             return
@@ -197,8 +197,9 @@ class _Collector:
             return
         if t == "update_display_data":
             t = "display_data"
-            msg = dict(msg, msg_type="display_data")
-        out = output_from_msg(msg)
+        # Kept as the message: the transcript converts it with
+        # nbformat.v4.output_from_msg after the call has answered.
+        out = {"msg": {"header": {"msg_type": t}, "msg_type": t, "content": c}}
         if t == "error":
             tb = strip_ansi("\n".join(c.get("traceback", [])))
             self.o.error = {"ename": c.get("ename", ""), "evalue": c.get("evalue", ""), "traceback": tb}
@@ -217,7 +218,7 @@ class _Collector:
                     self.o.images.append({"mime": mime, "data": blob,
                                           "saved_as": saved if isinstance(saved, list) else []})
                     break
-        self.o.outputs.append(dict(out))
+        self.o.outputs.append(out)
 
 
 class Executor(LoggingConfigurable):

@@ -273,8 +273,10 @@ class InProcessClient:
     async def call(self, tool: str, args: dict):
         from broker.tools import ToolContext, call_tool
 
+        await self.session.transcript.flush()
         n = len(self.session.transcript.nb.cells)
         result = await call_tool(ToolContext(self.session, self.links), tool, args)
+        await self.session.transcript.flush()
         cells = self.session.transcript.nb.cells
         return result, (cells[n] if len(cells) > n else None)
 

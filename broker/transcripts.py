@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import json
 import logging
 import os
 import secrets
@@ -32,7 +33,6 @@ import threading
 
 import nbformat
 import nbformat.v4
-import nbformat.validator
 from nbformat.v4 import new_code_cell, new_notebook, output_from_msg
 from traitlets import Integer
 from traitlets.config import LoggingConfigurable
@@ -69,7 +69,7 @@ class Transcript:
         self.path = path
         self.settings = settings
         self._lock = threading.Lock()
-        self._dirty = False
+        self._queue: list = []
         self._writer: asyncio.Task | None = None
         self._error: Exception | None = None
         if os.path.exists(path):
@@ -86,6 +86,15 @@ class Transcript:
             self.nb.metadata["language_info"] = {"name": "python"}
             self.nb.metadata["broker"] = {"session": session_id, "created": now_iso(), "uploads": [],
                                           "downloads": []}
+        # Each cell is serialised once, when it is added; a write only joins
+        # these (the transcript grows by a cell per call, and re-encoding all
+        # of it each time would cost more with every call).
+        self._cell_json = [self._encode(c) for c in self.nb.cells]
+
+    @staticmethod
+    def _encode(obj, indent: str = "  ") -> str:
+        text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False)
+        return indent + text.replace("\n", "\n" + indent)
 
     # -- helpers -----------------------------------------------------------------
     def _cut(self, text: str) -> str:
@@ -120,13 +129,15 @@ class Transcript:
         return out
 
     def _snapshot(self) -> str:
+        """The whole notebook as JSON (nbformat v4, indent 1, sorted keys)."""
         with self._lock:
-            nb = nbformat.NotebookNode(nbformat=self.nb.nbformat, nbformat_minor=self.nb.nbformat_minor,
-                                       metadata=copy.deepcopy(self.nb.metadata), cells=list(self.nb.cells))
-        # Cells are never changed once appended, so the list copy is enough;
-        # each was validated on its own when it was added.
-        text = nbformat.v4.writes(nb)
-        return text if text.endswith("\n") else text + "\n"
+            cells = list(self._cell_json)
+            meta = json.dumps(self.nb.metadata, indent=1, sort_keys=True, ensure_ascii=False).replace("\n", "\n ")
+            minor = self.nb.nbformat_minor
+        body = ",\n".join(cells)
+        return (f'{{\n "cells": [\n{body}\n ],\n "metadata": {meta},\n "nbformat": 4,\n '
+                f'"nbformat_minor": {minor}\n}}\n') if cells else \
+            f'{{\n "cells": [],\n "metadata": {meta},\n "nbformat": 4,\n "nbformat_minor": {minor}\n}}\n'
 
     def _save(self) -> None:
         d = os.path.dirname(self.path)
@@ -148,56 +159,50 @@ class Transcript:
                 pass
             raise
 
-    def _append(self, cell) -> None:
-        nbformat.validator.validate(cell, ref="code_cell", version=4, version_minor=self.nb.nbformat_minor)
-        with self._lock:
-            self.nb.cells.append(cell)
-        self._changed()
-
-    def _changed(self) -> None:
-        self._dirty = True
+    def _enqueue(self, item) -> None:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._dirty = False
+            # No event loop (the CLI, plain use): record and write now.
+            self._process([item])
             self._save()
             return
+        self._queue.append(item)
         if self._writer is None or self._writer.done():
             self._writer = loop.create_task(self._write_loop())
 
+    def _process_and_save(self, items: list) -> None:
+        self._process(items)
+        self._save()
+
     async def _write_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._dirty:
-            self._dirty = False
+        while self._queue:
+            items, self._queue = self._queue, []
             try:
-                await loop.run_in_executor(None, self._save)
+                await loop.run_in_executor(None, self._process_and_save, items)
             except Exception as exc:
-                # The previous version stays whole; the next change retries.
+                # The previous version stays whole; the next change writes
+                # again, with everything recorded so far.
                 self._error = exc
                 logging.getLogger("broker").error("could not write transcript %s: %s", self.path, exc)
-                return
-            self._error = None
 
     async def flush(self) -> None:
-        """Wait until the file holds every change made so far."""
-        while self._writer is not None and not self._writer.done():
+        """Wait until the notebook and the file hold every change made so far."""
+        while (self._writer is not None and not self._writer.done()) or self._queue:
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
             await asyncio.shield(self._writer)
-        if self._dirty:
-            self._dirty = False
-            await asyncio.get_running_loop().run_in_executor(None, self._save)
 
     # -- recording -------------------------------------------------------------------
+    # Callers hand over what happened; turning it into cells (output_from_msg,
+    # nbformat's validating constructors, JSON encoding) and writing the file
+    # happen after the call has answered, in the writer thread.
     def add_code(self, code: str, outputs: list, *, tool: str, status: str, execution_count=None,
                  started: str | None = None, ended: str | None = None, extra: dict | None = None) -> None:
-        cell = new_code_cell(source=code)
-        cell.execution_count = execution_count
-        cell.outputs = [nbformat.from_dict(self._clean_output(o)) for o in outputs]
-        cell.metadata["execution"] = {"iopub.status.busy": started, "iopub.execute_input": started,
-                                      "shell.execute_reply": ended, "iopub.status.idle": ended}
-        meta = {"tool": tool, "status": status}
-        meta.update(extra or {})
-        cell.metadata["broker"] = meta
-        self._append(cell)
+        """*outputs*: nbformat output dicts, or ``{"msg": <kernel message>}``
+        items converted with ``nbformat.v4.output_from_msg``."""
+        self._enqueue(("code", code, list(outputs), tool, status, execution_count, started, ended, extra))
 
     def add_shell(self, command: str, result: dict, started: str, ended: str, explanation=None) -> None:
         outputs = []
@@ -212,10 +217,7 @@ class Transcript:
                       started=started, ended=ended, extra=extra)
 
     def add_event(self, kind: str, entry: dict) -> None:
-        with self._lock:
-            entry = dict(entry, time=now_iso(), before_cell=len(self.nb.cells))
-            self.nb.metadata["broker"].setdefault(kind, []).append(entry)
-        self._changed()
+        self._enqueue(("event", kind, dict(entry, time=now_iso())))
 
     def add_ws_execution(self, code: str, msgs: list, started: str, ended: str, status: str) -> None:
         outputs, count = [], None
@@ -226,16 +228,44 @@ class Transcript:
             elif t in ("stream", "display_data", "execute_result", "error"):
                 if t == "display_data" and "application/vnd.broker.files+json" in m["content"].get("data", {}):
                     continue
-                out = output_from_msg(m)
-                if t == "stream" and outputs and outputs[-1].get("output_type") == "stream" and \
-                        outputs[-1].get("name") == out.get("name"):
-                    outputs[-1]["text"] += out["text"]
-                else:
-                    outputs.append(out)
+                outputs.append({"msg": m})
             elif t == "clear_output":
                 outputs = []
         self.add_code(code, outputs, tool="websocket", status=status, execution_count=count, started=started,
                       ended=ended)
+
+    def _outputs(self, items: list) -> list:
+        outs = []
+        for item in items:
+            out = output_from_msg(item["msg"]) if "msg" in item else item
+            if out.get("output_type") == "stream" and outs and outs[-1].get("output_type") == "stream" \
+                    and outs[-1].get("name") == out.get("name"):
+                outs[-1]["text"] += out["text"]
+                continue
+            outs.append(dict(out))
+        return [nbformat.from_dict(self._clean_output(o)) for o in outs]
+
+    def _process(self, items: list) -> None:
+        for item in items:
+            if item[0] == "event":
+                _, kind, entry = item
+                with self._lock:
+                    entry["before_cell"] = len(self.nb.cells)
+                    self.nb.metadata["broker"].setdefault(kind, []).append(entry)
+                continue
+            _, code, outputs, tool, status, count, started, ended, extra = item
+            cell = new_code_cell(source=code)
+            cell.execution_count = count
+            cell.outputs = self._outputs(outputs)
+            cell.metadata["execution"] = {"iopub.status.busy": started, "iopub.execute_input": started,
+                                          "shell.execute_reply": ended, "iopub.status.idle": ended}
+            meta = {"tool": tool, "status": status}
+            meta.update(extra or {})
+            cell.metadata["broker"] = meta
+            encoded = self._encode(cell)
+            with self._lock:
+                self.nb.cells.append(cell)
+                self._cell_json.append(encoded)
 
     def to_json(self) -> str:
         """The notebook as written to disk (nbformat's layout), so what the
