@@ -63,18 +63,19 @@ class BrokerKernelSpecManager(KernelSpecManager):
 class SessionKernel:
     """One session's kernel: manager, client and the facts about its deaths."""
 
-    def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str, env: dict | None = None):
+    def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str, env: dict | None = None,
+                 log_path: str | None = None):
         self.km = AsyncKernelManager(kernel_name=SANDBOX_KERNEL, kernel_spec_manager=BrokerKernelSpecManager(),
                                      parent=parent, kernel_id=kernel_id)
         self.opts = {"data_dir": data_dir, "rt_dir": rt_dir, "env": dict(env or {}), "managed": True}
+        self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "kernel.log")
         self.client = None
         self.restarts = 0
 
     async def start(self) -> None:
         # The kernel's own stdout/stderr (start-up notes, crashes) go to a log
         # beside the session, not into the broker's output.
-        log_path = os.path.join(os.path.dirname(self.opts["rt_dir"]), "kernel.log")
-        self._log = open(log_path, "ab", buffering=0)
+        self._log = open(self.log_path, "ab", buffering=0)
         await self.km.start_kernel(sandbox=self.opts, stdout=self._log, stderr=self._log)
         await self._connect()
 

@@ -26,7 +26,7 @@ import uuid
 from traitlets import Float, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
-from broker.errors import SessionNotFound, TooManySessions
+from broker.errors import SandboxError, SessionNotFound, TooManySessions
 from broker.execution import Executor, SessionKernel
 from broker.files import SessionFiles
 from broker.sandbox import prereq, volume
@@ -53,7 +53,10 @@ class Session:
         self.last_activity = last_activity
         self.dir = os.path.join(manager.data_root, sid)
         self.data_dir = os.path.join(self.dir, "data")
-        self.rt_dir = os.path.join(self.dir, "rt")
+        # The kernel's sockets live under the runtime folder, not the data
+        # root: a unix socket path is limited to 107 bytes, and the data root
+        # may be anywhere.
+        self.rt_dir = os.path.join(manager.runtime_dir, sid)
         self.kernel: SessionKernel | None = None
         self.lock = asyncio.Lock()          # one execution at a time
         self._start_lock = asyncio.Lock()
@@ -101,7 +104,8 @@ class Session:
     async def ensure_kernel(self) -> SessionKernel:
         async with self._start_lock:
             if self.kernel is None:
-                self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id, env=self.env)
+                self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id, env=self.env,
+                                            log_path=os.path.join(self.dir, "kernel.log"))
             if not self.kernel.km.has_kernel:
                 await self.kernel.start()
             elif not await self.kernel.is_alive():
@@ -174,6 +178,29 @@ class SessionManager(LoggingConfigurable):
     def _default_data_root(self):
         base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
         return os.path.join(base, "broker", "sessions")
+
+    runtime_dir = Unicode(config=True, help="""Folder for the kernels' ZeroMQ sockets (one sub-folder per
+        session; as root each is a small nosymfollow tmpfs). Kept short: a unix socket path has at most 107
+        bytes. Default: /run/broker/rt as root, else $XDG_RUNTIME_DIR/broker-rt (or /tmp/broker-rt-<uid>).""")
+
+    def _ensure_runtime_dir(self) -> None:
+        """Create the runtime folder, or check that an existing one is ours
+        and private (in a shared /tmp anyone could have made it first)."""
+        d = self.runtime_dir
+        os.makedirs(d, mode=0o711 if prereq.is_root() else 0o700, exist_ok=True)
+        st = os.lstat(d)
+        import stat as _stat
+
+        if not _stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            raise SandboxError(f"runtime folder {d} is not a private folder of this user (owner {st.st_uid}, "
+                               f"mode {oct(st.st_mode & 0o777)}); remove it or set SessionManager.runtime_dir")
+
+    @default("runtime_dir")
+    def _default_runtime_dir(self):
+        if prereq.is_root():
+            return "/run/broker/rt"
+        xdg = os.environ.get("XDG_RUNTIME_DIR")
+        return os.path.join(xdg, "broker-rt") if xdg else f"/tmp/broker-rt-{os.getuid()}"
 
     idle_timeout_minutes = Integer(20, min=5, max=60, config=True, help="""Idle cooldown: a session with no
         call for this many minutes is deleted with its files. Every call resets it. 5 to 60.""")
@@ -318,7 +345,8 @@ class SessionManager(LoggingConfigurable):
         s = Session(self, sid, owner, now, now)
         s.env = dict(env or {})
         os.makedirs(s.data_dir, mode=0o700)
-        os.makedirs(s.rt_dir, mode=0o700)
+        self._ensure_runtime_dir()
+        os.makedirs(s.rt_dir, mode=0o700, exist_ok=True)
         os.chmod(s.dir, 0o711)
         s.save()
         try:
@@ -408,3 +436,4 @@ class SessionManager(LoggingConfigurable):
             volume.unmount(s.data_dir)
             volume.unmount(s.rt_dir)
         shutil.rmtree(s.dir, ignore_errors=True)
+        shutil.rmtree(s.rt_dir, ignore_errors=True)
