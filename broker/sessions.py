@@ -5,7 +5,9 @@ On disk, under the data root::
     <data_root>/<id>/meta.json        owner, times (written atomically)
     <data_root>/<id>/data/            /mnt/data (a mounted quota image as root)
     <data_root>/<id>/data.img         the quota image
-    <data_root>/<id>/rt/              the kernel's ZeroMQ ipc sockets
+    <data_root>/<id>/transcript.ipynb the session as a notebook
+    <data_root>/<id>/kernel.log       the kernel's own stdout and stderr
+    <runtime_dir>/<id>/               the kernel's ZeroMQ ipc sockets (short path)
 
 A broker restart loses no files: sessions are read back from the data root
 and their kernels start again on first use.  Sessions idle for longer than
