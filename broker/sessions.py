@@ -310,9 +310,12 @@ class SessionManager(LoggingConfigurable):
         await asyncio.gather(*(s._transcript.flush() for s in self.sessions.values() if s._transcript is not None),
                              return_exceptions=True)
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
-        if prereq.is_root():
-            for s in self.sessions.values():
+        for s in self.sessions.values():
+            if prereq.is_root():
                 volume.unmount(s.data_dir)
+                volume.unmount(s.rt_dir)
+            # Sockets are made again when the kernel next starts.
+            shutil.rmtree(s.rt_dir, ignore_errors=True)
 
     # -- operations ------------------------------------------------------------------
     async def create(self, owner: str, env: dict[str, str] | None = None) -> Session:
