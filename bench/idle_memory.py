@@ -1,0 +1,237 @@
+"""Memory of N idle sessions with pandas and matplotlib imported, against N
+raw plain ipykernels with the same imports, in one run; and how many such
+sessions fit in this machine's RAM.
+
+Target (docs/PERFORMANCE.md): >= 150 idle sessions held on this 24 GiB
+machine, each with pandas and matplotlib imported.
+
+  A  raw: N plain ipykernels (AsyncKernelManager, ipc), each running
+     ``import numpy, pandas, matplotlib, matplotlib.pyplot``
+  B  broker: a real ``broker serve`` (warm pool off, so that exactly N
+     kernels run) with N sessions, each running the same import through
+     ExecutePythonCode (what the pool's preload runs)
+
+The groups are measured one after the other, each alone (PSS divides a shared
+page among everything that maps it: with both groups alive the figures would
+depend on the other group).  Once every kernel has been idle (no CPU tick)
+for 1 s, each session's or kernel's process tree is read with psutil's
+``memory_full_info``: RSS, PSS and USS summed over the tree.  A session's tree
+is every process in its kernel cgroup (``broker-sandboxes/k-<session id>``):
+the outer bwrap and the kernel.  A raw kernel's tree is its process and its
+children (none).  Also: the session's cgroup memory usage (page cache and
+tmpfs included), the growth of the broker process's own USS, and MemAvailable
+before and after (everything the machine lost, per session).
+
+Fit in RAM (MemTotal of this machine), three ways:
+  by PSS:      MemTotal / (PSS + broker growth), per session (sharing as at N)
+  marginal:    (MemTotal - the shared pages, once) / (USS + broker growth + the
+               memory outside processes: MemAvailable drop - PSS - broker growth)
+  by MemAvailable: MemTotal / (MemAvailable drop / N)
+The verdict uses the smallest of the three.
+
+    python bench/idle_memory.py              # N = 20
+    python bench/idle_memory.py --quick      # N = 5
+    python bench/idle_memory.py --count 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+
+import psutil
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _session_common import (  # noqa: E402
+    Broker,
+    RawKernel,
+    RestSession,
+    env_info,
+    machine_quiet,
+    meminfo,
+    print_env,
+    session_cgroup_memory,
+    session_pids,
+    wait_quiet,
+)
+
+IMPORT = "import numpy, pandas, matplotlib, matplotlib.pyplot"
+TARGET = 150
+MiB = 1 << 20
+
+
+def tree_memory(pids: list[int]) -> dict:
+    out = {"rss": 0, "pss": 0, "uss": 0, "procs": 0}
+    for pid in pids:
+        try:
+            m = psutil.Process(pid).memory_full_info()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        out["rss"] += m.rss
+        out["pss"] += m.pss
+        out["uss"] += m.uss
+        out["procs"] += 1
+    return out
+
+
+def own_memory(pid: int) -> dict:
+    m = psutil.Process(pid).memory_full_info()
+    return {"rss": m.rss, "pss": m.pss, "uss": m.uss}
+
+
+def settle(pids: list[int]) -> None:
+    wait_quiet(pids, polls=10, interval=0.1, timeout=120)
+    time.sleep(1.0)
+
+
+def measure_raw(n: int) -> dict:
+    loop = asyncio.new_event_loop()
+    kernels: list[RawKernel] = []
+    avail0 = meminfo()["MemAvailable"]
+    try:
+        for i in range(n):
+            k = RawKernel()
+            kernels.append(k)
+            loop.run_until_complete(k.start())
+            _, _, err = loop.run_until_complete(k.execute(IMPORT))
+            if err:
+                raise RuntimeError(f"raw kernel {i}: {err}")
+        trees = []
+        for k in kernels:
+            p = psutil.Process(k.pid)
+            trees.append([k.pid] + [c.pid for c in p.children(recursive=True)])
+        settle([pid for t in trees for pid in t])
+        per = [tree_memory(t) for t in trees]
+        avail1 = meminfo()["MemAvailable"]
+    finally:
+        for k in kernels:
+            loop.run_until_complete(k.stop())
+        loop.close()
+    return {"per": per, "avail_drop": avail0 - avail1}
+
+
+def measure_broker(n: int) -> dict:
+    broker = Broker(0, f"--SessionManager.max_sessions_per_owner={n}",
+                    f"--SessionManager.max_sessions={max(n, 100)}").start()
+    try:
+        time.sleep(1.0)
+        own0 = own_memory(broker.proc.pid)
+        avail0 = meminfo()["MemAvailable"]
+        http = broker.http()
+        sessions = []
+        for i in range(n):
+            s = RestSession(broker, http)
+            sessions.append(s)
+            r = s.execute(IMPORT)
+            if r.get("status") != "success":
+                raise RuntimeError(f"session {i}: {str(r)[:300]}")
+        trees = [session_pids(broker.proc.pid, s.id) for s in sessions]
+        if not all(trees):
+            raise RuntimeError("could not find every session's kernel cgroup")
+        settle([pid for t in trees for pid in t] + [broker.proc.pid])
+        per = [tree_memory(t) for t in trees]
+        for s, m in zip(sessions, per):
+            m["cgroup"] = session_cgroup_memory(broker.proc.pid, s.id) or 0
+        own1 = own_memory(broker.proc.pid)
+        avail1 = meminfo()["MemAvailable"]
+        http.close()
+    finally:
+        broker.stop()   # SIGTERM: the broker stops every kernel and unmounts; the folder is removed
+    return {"per": per, "avail_drop": avail0 - avail1, "broker_before": own0, "broker_after": own1}
+
+
+def med(per: list[dict], key: str) -> float:
+    return statistics.median(m[key] for m in per)
+
+
+def fit(res: dict, n: int, total: int) -> dict:
+    per = res["per"]
+    pss, uss = statistics.mean(m["pss"] for m in per), statistics.mean(m["uss"] for m in per)
+    broker = 0.0
+    if "broker_after" in res:
+        broker = max(0.0, (res["broker_after"]["uss"] - res["broker_before"]["uss"]) / n)
+    drop = res["avail_drop"] / n
+    shared_once = sum(m["pss"] - m["uss"] for m in per)
+    outside = max(0.0, drop - pss - broker)
+    out = {"by_pss": total / (pss + broker),
+           "marginal": (total - shared_once) / (uss + broker + outside),
+           "by_memavailable": total / drop if drop > 0 else float("inf"),
+           "broker_per_session": broker, "avail_drop_per_session": drop, "outside_per_session": outside,
+           "shared_once": shared_once}
+    out["verdict_fit"] = min(out["by_pss"], out["marginal"], out["by_memavailable"])
+    return out
+
+
+def report(n: int, raw: dict, brk: dict, total: int) -> tuple[dict, list[str]]:
+    lines = [f"\nper session / kernel (process tree), MiB: median [min - max] over {n}"]
+    rows = [("A raw plain ipykernel", raw), ("B broker session", brk)]
+    keys = ["rss", "pss", "uss"] + (["cgroup"] if brk["per"] and "cgroup" in brk["per"][0] else [])
+    head = f"{'':<24}" + "".join(f"{k.upper() if k != 'cgroup' else 'cgroup mem':>26}" for k in keys) + f"{'procs':>7}"
+    lines.append(head)
+    for name, res in rows:
+        cells = []
+        for k in keys:
+            if k not in res["per"][0]:
+                cells.append(f"{'':>26}")
+                continue
+            v = [m[k] / MiB for m in res["per"]]
+            cells.append(f"{statistics.median(v):>9.1f} [{min(v):6.1f} - {max(v):6.1f}]")
+        lines.append(f"{name:<24}" + "".join(cells) + f"{res['per'][0]['procs']:>7}")
+    r_b = {k: med(brk["per"], k) / med(raw["per"], k) for k in ("rss", "pss", "uss")}
+    lines.append("ratio B/A (medians): " + ", ".join(f"{k.upper()} {v:.2f}" for k, v in r_b.items()))
+    fits = {"A": fit(raw, n, total), "B": fit(brk, n, total)}
+    b = brk
+    lines.append(f"broker process: USS {b['broker_before']['uss'] / MiB:.1f} -> {b['broker_after']['uss'] / MiB:.1f} MiB "
+                 f"(RSS {b['broker_before']['rss'] / MiB:.1f} -> {b['broker_after']['rss'] / MiB:.1f}): "
+                 f"{fits['B']['broker_per_session'] / MiB:.2f} MiB per session")
+    lines.append(f"MemAvailable drop per session: A {fits['A']['avail_drop_per_session'] / MiB:.1f} MiB, "
+                 f"B {fits['B']['avail_drop_per_session'] / MiB:.1f} MiB (memory outside the processes: "
+                 f"A {fits['A']['outside_per_session'] / MiB:.1f}, B {fits['B']['outside_per_session'] / MiB:.1f} MiB)")
+    lines.append(f"\nfit in MemTotal {total / (1 << 30):.1f} GiB:      {'by PSS':>8} {'marginal':>9} {'by MemAvail':>12}")
+    for key, label in (("A", "A raw plain ipykernels"), ("B", "B broker sessions")):
+        f = fits[key]
+        lines.append(f"  {label:<30} {f['by_pss']:>8.0f} {f['marginal']:>9.0f} {f['by_memavailable']:>12.0f}")
+    v = fits["B"]["verdict_fit"]
+    lines.append(f"target >= {TARGET} sessions: smallest estimate {v:.0f}: {'PASS' if v >= TARGET else 'FAIL'}")
+    return {"ratio_b_a": r_b, "fits": fits}, lines
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="5 sessions instead of 20")
+    p.add_argument("--count", type=int, default=0, help="sessions (and raw kernels); default 20, --quick 5")
+    p.add_argument("--broker-first", action="store_true", help="measure the broker's group first")
+    p.add_argument("--json", default="", help="also write the raw figures to this file")
+    args = p.parse_args(argv)
+    n = args.count or (5 if args.quick else 20)
+    if not 1 <= n <= 100:
+        p.error("--count: 1 to 100 (bounded: every kernel holds ~100 MiB)")
+
+    info = env_info()
+    total = meminfo()["MemTotal"]
+    print_env(f"idle_memory: {n} idle sessions against {n} raw kernels, each after `{IMPORT}`", info)
+    print("before: " + machine_quiet(), flush=True)
+    if args.broker_first:
+        brk = measure_broker(n)
+        raw = measure_raw(n)
+    else:
+        raw = measure_raw(n)
+        brk = measure_broker(n)
+    summary_, lines = report(n, raw, brk, total)
+    print("\n".join(lines))
+    print("after: " + machine_quiet())
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"versions": info, "count": n, "mem_total": total, "raw": raw, "broker": brk, **summary_},
+                      fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
