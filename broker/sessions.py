@@ -66,6 +66,7 @@ class Session:
         self.env: dict[str, str] = {}       # allow-listed KERNEL_* variables
         self.hub = None                      # IOPubHub, made on the first WebSocket client
         self._transcript = None
+        self._shell_cgroup = None           # reused by every shell command of the session
 
     # -- state ----------------------------------------------------------------
     @property
@@ -160,7 +161,24 @@ class Session:
         kernel = await self.ensure_kernel()
         await kernel.km.interrupt_kernel()
 
+    def shell_cgroup(self, settings):
+        """The session's cgroup for shell commands, made on first use."""
+        if self._shell_cgroup is None and settings.cgroups != "off":
+            from broker.sandbox import cgroups
+
+            version = cgroups.detect()
+            if version is not None:
+                try:
+                    self._shell_cgroup = cgroups.Cgroup.create(f"sh-{self.id}", settings.memory_limit,
+                                                               settings.pids_limit, settings.cpu_limit, version)
+                except OSError as exc:
+                    self.manager.log.warning("shell cgroup not created (%s): a fresh one per command", exc)
+        return self._shell_cgroup
+
     async def stop_kernel(self) -> None:
+        if self._shell_cgroup is not None:
+            self._shell_cgroup.remove()
+            self._shell_cgroup = None
         if self.hub is not None:
             self.hub.close()
             self.hub = None
@@ -212,6 +230,8 @@ class SessionManager(LoggingConfigurable):
     pool_size = Integer(2, min=0, config=True, help="""Kernels kept started and waiting, so that a new session
         is ready at once. Pooled kernels have already run pool_preload. They count toward max_sessions but
         belong to nobody until handed out. 0 turns the pool off.""")
+    pool_refill_delay = Float(1.0, min=0, config=True, help="""Seconds after a pooled kernel is handed out before
+        its replacement starts, so the new session's first calls do not share the CPU with a kernel start.""")
     pool_preload = Unicode("import numpy, pandas, matplotlib, matplotlib.pyplot", config=True, help="""Code each
         pooled kernel runs silently before it is handed out (not in the transcript, no execution count).""")
     max_upload_bytes = ByteSize(128 << 20, config=True, help="Largest file accepted by an upload (413 past it).")
@@ -333,7 +353,9 @@ class SessionManager(LoggingConfigurable):
                 pooled.owner, pooled.created, pooled.last_activity = owner, now, now
                 pooled.save()
                 self.sessions[pooled.id] = pooled
-                self._refill_pool()
+                # A moment's grace: a new session's first calls usually come
+                # at once and should not share the CPU with a kernel start.
+                self._refill_pool(delay=self.pool_refill_delay)
                 return pooled
             self._reserved[owner] = self._reserved.get(owner, 0) + 1
         try:
@@ -372,12 +394,14 @@ class SessionManager(LoggingConfigurable):
             asyncio.ensure_future(self._delete(s))
         return None
 
-    def _refill_pool(self) -> None:
+    def _refill_pool(self, delay: float = 0.0) -> None:
         if self.pool_size and self._pool_enabled and not self._closing and (
                 self._pool_task is None or self._pool_task.done()):
-            self._pool_task = asyncio.ensure_future(self._fill_pool())
+            self._pool_task = asyncio.ensure_future(self._fill_pool(delay))
 
-    async def _fill_pool(self) -> None:
+    async def _fill_pool(self, delay: float = 0.0) -> None:
+        if delay:
+            await asyncio.sleep(delay)
         while len(self._pool) < self.pool_size and not self._closing:
             if len(self.sessions) + len(self._pool) + sum(self._reserved.values()) >= self.max_sessions:
                 return

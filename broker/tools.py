@@ -371,7 +371,7 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
         before = files.snapshot()
         settings = s.kernel.provisioner
         r = await run_shell(cmd, s.data_dir, settings, timeout=args["timeoutSeconds"],
-                            output_limit=s.manager.shell_output_limit)
+                            output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings))
         s.touch()
         after = files.snapshot()
     images, links = [], []

@@ -262,7 +262,11 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         opts = kwargs.pop("sandbox", None) or {}
         if not self._prepared:
-            self._prepare(opts)
+            # Mounts, mkfs and chown block: keep them off the event loop, so
+            # a pool refill does not stall the executions of other sessions.
+            import asyncio
+
+            await asyncio.get_running_loop().run_in_executor(None, self._prepare, opts)
             self._extra_env = safe_kernel_vars(opts.get("env") or {})
         km = self.parent
         km.transport = "ipc"

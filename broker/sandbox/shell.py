@@ -60,8 +60,13 @@ async def _read_capped(stream: asyncio.StreamReader, budget: list[int], sink: by
 
 
 async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, timeout: float,
-                    output_limit: int = 1 << 20, ident: Identity | None = None) -> ShellResult:
-    """Run *command* with ``bash -c`` in a fresh sandbox over *data_dir*."""
+                    output_limit: int = 1 << 20, ident: Identity | None = None,
+                    cgroup: "cgroups.Cgroup | None" = None) -> ShellResult:
+    """Run *command* with ``bash -c`` in a fresh sandbox over *data_dir*.
+
+    *cgroup*: a group to run in and leave (emptied) for the next command; by
+    default a fresh one is made and removed.  Reusing one matters: on cgroup
+    v1 the first process to join a new group waits ~10 ms in the kernel."""
     import broker_seccomp
 
     bwrap_path = prereq.check_all(settings.bwrap)
@@ -75,8 +80,8 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
                 raise PermissionError(f"{data_dir} is owned by root; a shell sandbox never runs as root")
         else:
             ident = current_identity()
-    cgroup = None
-    version = cgroups.detect() if settings.cgroups != "off" else None
+    own_cgroup = cgroup is None
+    version = cgroups.detect() if settings.cgroups != "off" and own_cgroup else None
     if version:
         cgroup = cgroups.Cgroup.create(f"sh-{uuid.uuid4().hex[:12]}", settings.memory_limit,
                                        settings.pids_limit, settings.cpu_limit, version)
@@ -124,10 +129,13 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
         _kill(proc.pid, cgroup)
     finally:
         over_task.cancel()
-        if cgroup:
+        if cgroup and own_cgroup:
             # The group empties a moment after its last process exits; remove
             # it off the caller's path.
             asyncio.get_running_loop().run_in_executor(None, cgroup.remove)
+        elif cgroup:
+            # A group the caller reuses: nothing of this command may stay in it.
+            cgroup.kill_all()
     code = proc.returncode
     sig = -code if code is not None and code < 0 else None
     return ShellResult(exit_code=code if sig is None else None, stdout=out.decode("utf-8", "replace"),
