@@ -30,7 +30,7 @@ from typing import Callable
 import zmq
 from jupyter_client.session import Session as JSession
 from jupyter_client.session import json_packer
-from traitlets import Float, Integer, List, Unicode
+from traitlets import Float, List, Unicode
 from traitlets.config import LoggingConfigurable
 from zmq.eventloop.zmqstream import ZMQStream
 

@@ -249,6 +249,25 @@ def _changes(before: dict, after: dict) -> list[str]:
     return sorted(p for p, sig in after.items() if before.get(p) != sig)
 
 
+def _changed_files(ctx: ToolContext, files, before: dict, after: dict) -> tuple[list, list, set]:
+    """Files the call created or changed: images inline, the rest as links.
+    Returns (images, links, sha256 of each inline image)."""
+    images, links, digests = [], [], set()
+    max_image = ctx.session.manager.executor.max_image_bytes
+    for path in _changes(before, after):
+        size = after[path][0]
+        if is_image(path) and size <= max_image:
+            try:
+                blob, _, _ = files.read(path, limit=size)
+            except FileError:
+                continue
+            digests.add(hashlib.sha256(blob).hexdigest())
+            images.append(ctx.image_entry(path, blob, guess_type(path)))
+        else:
+            links.append(ctx.file_entry(path, size))
+    return images, links, digests
+
+
 async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     s = ctx.session
     kernel = await s.ensure_kernel()
@@ -257,20 +276,9 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     outcome = await s.manager.executor.run(kernel, code, timeout)
     s.touch()
     after = files.snapshot()
-    images, links, seen, saved_images = [], [], set(), set()
     # Image files the code saved (savefig) or changed.
-    for path in _changes(before, after):
-        size = after[path][0]
-        if is_image(path) and size <= s.manager.executor.max_image_bytes:
-            try:
-                blob, _, _ = files.read(path, limit=size)
-            except FileError:
-                continue
-            seen.add(hashlib.sha256(blob).hexdigest())
-            saved_images.add(f"/mnt/data/{path}")
-            images.append(ctx.image_entry(path, blob, guess_type(path)))
-        else:
-            links.append(ctx.file_entry(path, size))
+    images, links, seen = _changed_files(ctx, files, before, after)
+    saved_images = {img["path"] for img in images}
     # Images the code displayed (plt.show, IPython.display): written to
     # /mnt/data/outputs so they can be downloaded like any file.
     for n, img in enumerate(outcome.images, 1):
@@ -374,17 +382,7 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
                             output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings))
         s.touch()
         after = files.snapshot()
-    images, links = [], []
-    for path in _changes(before, after):
-        size = after[path][0]
-        if is_image(path) and size <= s.manager.executor.max_image_bytes:
-            try:
-                blob, _, _ = files.read(path, limit=size)
-                images.append(ctx.image_entry(path, blob, guess_type(path)))
-                continue
-            except FileError:
-                pass
-        links.append(ctx.file_entry(path, size))
+    images, links, _ = _changed_files(ctx, files, before, after)
     notice = ""
     status = "success" if r.exit_code == 0 else "error"
     error = None

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import os
 import shutil
 import stat
 import subprocess
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -526,15 +528,13 @@ out["ran"] = os.path.exists("/mnt/data/SO-RAN")
     recover(kernel)
 
 
-def test_cant_redirect_broker_through_runtime_symlink(kernel):
-    """/run/kernel is the kernel's ipc folder, bound read-write from the
-    host.  A symlink planted there (say k-3 -> a host unix socket) would be
-    followed by the broker, as root, the next time a client connects: the
-    kernel must not be able to put one there."""
-    import socket
+@contextlib.contextmanager
+def host_unix_listener(prefix: str):
+    """A unix socket on the host that counts the connections it gets:
+    yields (its path, the list of hits)."""
     import threading
 
-    d = tempfile.mkdtemp(prefix="cant-rt-")
+    d = tempfile.mkdtemp(prefix=prefix)
     target = os.path.join(d, "host.sock")
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(target)
@@ -553,6 +553,22 @@ def test_cant_redirect_broker_through_runtime_symlink(kernel):
 
     t = threading.Thread(target=accept, daemon=True)
     t.start()
+    try:
+        yield target, hits
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_cant_redirect_broker_through_runtime_symlink(kernel):
+    """/run/kernel is the kernel's ipc folder, bound read-write from the
+    host.  A symlink planted there (say k-3 -> a host unix socket) would be
+    followed by the broker, as root, the next time a client connects: the
+    kernel must not be able to put one there."""
+    listener = contextlib.ExitStack()
+    target, hits = listener.enter_context(host_unix_listener("cant-rt-"))
     rt = kernel.provisioner.rt_dir
     client = None
     try:
@@ -583,10 +599,7 @@ out["list"] = sorted(os.listdir("/run/kernel"))
     finally:
         if client is not None:
             client.stop_channels()
-        stop.set()
-        t.join(2)
-        srv.close()
-        shutil.rmtree(d, ignore_errors=True)
+        listener.close()
         for n in os.listdir(rt):
             p = os.path.join(rt, n)
             if os.path.islink(p) or n in ("k-6", "k-7", "k-9", "k-3.tmp"):
@@ -601,29 +614,9 @@ def test_cant_redirect_broker_through_runtime_symlink_without_landlock(no_landlo
     """Without Landlock the kernel can plant a symlink in /run/kernel; the
     runtime folder is a nosymfollow tmpfs, so a client connecting there (the
     broker, as root) still never reaches the socket the link names."""
-    import socket
-    import threading
-
     k = no_landlock_kernel
-    d = tempfile.mkdtemp(prefix="cant-rt-nl-")
-    target = os.path.join(d, "host.sock")
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(target)
-    srv.listen(4)
-    srv.settimeout(0.2)
-    hits, stop = [], threading.Event()
-
-    def accept():
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                continue
-            hits.append(1)
-            conn.close()
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
+    listener = contextlib.ExitStack()
+    target, hits = listener.enter_context(host_unix_listener("cant-rt-nl-"))
     rt = k.provisioner.rt_dir
     try:
         r = k.run(f"""
@@ -652,9 +645,6 @@ def test_cant_redirect_broker_through_runtime_symlink_without_landlock(no_landlo
             client.stop_channels()
         assert not hits, "a client connected to a host socket through a planted symlink"
     finally:
-        stop.set()
-        t.join(2)
-        srv.close()
-        shutil.rmtree(d, ignore_errors=True)
+        listener.close()
     k.restart()
     assert k.answers()

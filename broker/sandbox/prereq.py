@@ -95,6 +95,13 @@ def check_root_tools() -> dict:
     return tools
 
 
+def launch_tools() -> dict:
+    """The programs the launcher runs: util-linux's set as root, prlimit otherwise."""
+    if is_root():
+        return check_root_tools()
+    return {"prlimit": shutil.which("prlimit", path="/usr/bin:/bin") or "prlimit"}
+
+
 def check_all(bwrap: str = "bwrap") -> str:
     """Every check; returns the absolute path of bwrap."""
     path = find_bwrap(bwrap)

@@ -175,8 +175,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
     # -- preparation (first start only; restarts reuse it) ------------------
     def _prepare(self, opts: dict) -> None:
         self._bwrap = prereq.check_all(self.bwrap)
-        self._tools = prereq.check_root_tools() if prereq.is_root() else {
-            "prlimit": shutil.which("prlimit", path="/usr/bin:/bin")}
+        self._tools = prereq.launch_tools()
         data_dir = opts.get("data_dir") or self.data_dir or os.environ.get("BROKER_KERNEL_DATA_DIR", "")
         rt_dir = opts.get("rt_dir", "")
         if not data_dir or not rt_dir:
@@ -228,7 +227,6 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             self._mounted_rt = volume.mount_runtime(rt_dir, ident.uid, ident.gid, self._tools)
             os.chown(rt_dir, ident.uid, ident.gid)
             os.chmod(data_dir, 0o700)
-            os.makedirs(os.path.join(self.state_dir, "stage"), mode=0o755, exist_ok=True)
         else:
             self._identity = identity.current_identity()
 
@@ -248,15 +246,6 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
                         raise SandboxUnavailable(f"a per-sandbox cgroup ({exc})", "see docs/security.md") from exc
                     self.log.warning("cgroup not created (%s): rlimits only", exc)
         self._prepared = True
-
-    def _rlimits(self) -> dict[str, int]:
-        limits = {"as": self.effective_address_space, "fsize": self.effective_file_size,
-                  "nofile": self.open_files_limit, "core": 0}
-        if prereq.is_root():
-            # RLIMIT_NPROC counts per real uid, host-wide: meaningful only
-            # with a uid of the sandbox's own.
-            limits["nproc"] = self.pids_limit
-        return limits
 
     # -- jupyter_client provisioner API --------------------------------------
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -313,7 +302,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
 
         ident = self._identity
         launch = bw.launch(self._spec, bwrap=self._bwrap, uid=ident.uid, gid=ident.gid,
-                           as_root=prereq.is_root(), rlimits=self._rlimits(),
+                           as_root=prereq.is_root(), rlimits=self.rlimits(own_uid=prereq.is_root()),
                            procs_files=self._cgroup.procs_files if self._cgroup else [],
                            stage_dir=os.path.join(self.state_dir, "stage"), tools=self._tools)
         try:

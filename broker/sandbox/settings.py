@@ -91,6 +91,15 @@ class SandboxSettings(LoggingConfigurable):
             raise TraitError(f"uid_range_start {value} + uid_range_size must stay below 2**32-2")
         return value
 
+    def rlimits(self, own_uid: bool) -> dict[str, int]:
+        """prlimit's limits for a sandbox.  RLIMIT_NPROC counts per real uid,
+        host-wide: set only when the sandbox has a uid of its own (root)."""
+        limits = {"as": self.effective_address_space, "fsize": self.effective_file_size,
+                  "nofile": self.open_files_limit, "core": 0}
+        if own_uid:
+            limits["nproc"] = self.pids_limit
+        return limits
+
     @property
     def effective_address_space(self) -> int:
         return self.address_space_limit or self.memory_limit + 2 * GiB

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 import uuid
 from dataclasses import dataclass
@@ -71,7 +70,7 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
 
     bwrap_path = prereq.check_all(settings.bwrap)
     as_root = prereq.is_root()
-    tools = prereq.check_root_tools() if as_root else {"prlimit": shutil.which("prlimit", path="/usr/bin:/bin")}
+    tools = prereq.launch_tools()
     if ident is None:
         if as_root:
             st = os.stat(data_dir)
@@ -94,15 +93,9 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
         shm_size=settings.shm_size,
         seccomp_fd=broker_seccomp.profile_fd("shell"),
     )
-    rlimits = {"as": settings.effective_address_space, "fsize": settings.effective_file_size,
-               "nofile": settings.open_files_limit, "core": 0}
-    if as_root:
-        rlimits["nproc"] = settings.pids_limit
     launch = bw.launch(spec, bwrap=bwrap_path, uid=ident.uid, gid=ident.gid, as_root=as_root,
-                       rlimits=rlimits, procs_files=cgroup.procs_files if cgroup else [],
+                       rlimits=settings.rlimits(own_uid=as_root), procs_files=cgroup.procs_files if cgroup else [],
                        stage_dir=os.path.join(settings.state_dir, "stage"), tools=tools)
-    if as_root:
-        os.makedirs(os.path.join(settings.state_dir, "stage"), mode=0o755, exist_ok=True)
     start = time.monotonic()
     try:
         proc = await asyncio.create_subprocess_exec(

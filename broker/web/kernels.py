@@ -10,12 +10,12 @@ import json
 import os
 import struct
 
-from tornado import web, websocket
+from tornado import websocket
 
 from broker.channels import ChannelConnection, KernelMessage
 from broker.errors import InvalidArgument, NotFound
 from broker.execution import SANDBOX_KERNEL, BrokerKernelSpecManager
-from broker.web.base import BaseHandler, BrokerErrorWithStatus
+from broker.web.base import BaseHandler
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
