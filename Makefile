@@ -40,7 +40,7 @@ system-deps:
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "broker needs Python 3.11 or newer (PYTHON=$(PYTHON))")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install -q -e ".[kernel,test]"
 	$(BIN)/broker kernelspec install --sys-prefix
 	touch $(STAMP)
