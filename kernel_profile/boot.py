@@ -193,9 +193,12 @@ def main(argv=None) -> None:
         if path:
             os.makedirs(path, exist_ok=True)
     for folder in (args.cwd, DATA_DIR):
-        if folder.startswith((DATA_DIR, NOTEBOOK_DIR)) and os.path.isdir(folder):
-            os.chdir(folder)
-            break
+        if folder.startswith((DATA_DIR, NOTEBOOK_DIR)):
+            try:
+                os.chdir(folder)
+                break
+            except OSError:
+                continue
 
     import warnings
 

@@ -50,7 +50,6 @@ class SandboxSpec:
     hostname: str = "sandbox"
     cap_drop: bool = True
     views: dict[str, str] = field(default_factory=dict)   # sandbox path -> host folder, read-only
-    chdir: str = "/mnt/data"
 
 
 @dataclass
@@ -132,7 +131,7 @@ def build(spec: SandboxSpec, bwrap: str, sources: dict[str, str] | None = None) 
     if spec.seccomp_fd is not None:
         fds.append(spec.seccomp_fd)
         a += ["--seccomp", str(spec.seccomp_fd)]
-    a += ["--remount-ro", "/", "--chdir", spec.chdir, "--"]
+    a += ["--remount-ro", "/", "--chdir", "/mnt/data", "--"]
     a += spec.command
     return a, fds
 

@@ -26,6 +26,7 @@ import os
 import pwd
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -237,6 +238,19 @@ def unshareable_reason(folder: str, protected: list[str]) -> str | None:
         if path == folder or path.startswith(folder + "/"):
             return f"it holds {path}"
     return None
+
+
+def enterable_by(folder: str, uid: int, gid: int) -> bool:
+    """Can *uid* (no supplementary groups) list and enter *folder* itself?
+    (bwrap.reachable_by answers for the path leading to it.)"""
+    st = os.stat(folder)
+    if st.st_uid == uid:
+        bits = stat.S_IRUSR | stat.S_IXUSR
+    elif st.st_gid == gid:
+        bits = stat.S_IRGRP | stat.S_IXGRP
+    else:
+        bits = stat.S_IROTH | stat.S_IXOTH
+    return st.st_mode & bits == bits
 
 
 def _run_in_own_thread(fn: Callable, *args) -> asyncio.Future:
@@ -462,6 +476,9 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             return default
         reason = unshareable_reason(folder, [tempfile.gettempdir(), self.state_dir, self._own_root or "",
                                              self.sandbox_data_dir, self.rt_dir])
+        ident = self._identity
+        if not reason and ident and not enterable_by(folder, ident.uid, ident.gid):
+            reason = f"the sandbox's uid {ident.uid} may not list it (its mode is {os.stat(folder).st_mode & 0o777:o})"
         if reason:
             if passed:
                 self.log.warning("working folder %s not shown to the sandbox: %s; the kernel starts in "
@@ -511,7 +528,6 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             env=kernel_env(self._extra_env),
             ro_paths=paths,
             views=views,
-            chdir=inside,
             files={"kernel.json": json.dumps(info).encode(),
                    "kernel.bpf": broker_seccomp.compile_profile(self.seccomp_profile)},
             tmp_size=self.tmp_size,
