@@ -25,7 +25,7 @@ SECRET_SET_AT: list[float] = []
 
 # What ipykernel / IPython / the boot script add to the kernel's allow-listed
 # environment once it runs (never anything from the host).
-KERNEL_ADDED_ENV = {"BROKER_SANDBOX_LANDLOCK_ABI", "CLICOLOR", "CLICOLOR_FORCE", "FORCE_COLOR", "GIT_PAGER",
+KERNEL_ADDED_ENV = {"BROKER_SANDBOX_LANDLOCK_ABI", "JPY_PARENT_PID", "CLICOLOR", "CLICOLOR_FORCE", "FORCE_COLOR", "GIT_PAGER",
                     "PAGER", "PWD", "TERM", "PYDEVD_USE_FRAME_EVAL"}
 
 
