@@ -273,11 +273,13 @@ def _run_in_own_thread(fn: Callable, *args) -> asyncio.Future:
 
     def run():
         try:
-            result = fn(*args)
+            outcome = (fn(*args), None)
         except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(done, None, exc)
-        else:
-            loop.call_soon_threadsafe(done, result)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(done, *outcome)
+        except RuntimeError:
+            pass  # the loop is gone (the caller gave up after startup_timeout)
 
     threading.Thread(target=run, name="sandbox-prepare", daemon=True).start()
     return fut
@@ -327,7 +329,7 @@ def sweep_stale_roots(tools: dict) -> list[str]:
     return removed
 
 
-_KERNEL_VAR = __import__("re").compile(r"^KERNEL_[A-Z0-9_]{1,64}$")
+_KERNEL_VAR = re.compile(r"^KERNEL_[A-Z0-9_]{1,64}$")
 
 
 def safe_kernel_vars(env: dict) -> dict[str, str]:
