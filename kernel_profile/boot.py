@@ -32,6 +32,8 @@ import os
 import signal
 import sys
 
+from kernel_profile import lockdown
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SANDBOX_DIR = "/run/sandbox"
 DATA_DIR = "/mnt/data"
@@ -78,7 +80,7 @@ def _fail(msg: str) -> None:
 
 
 def lock_down(seccomp_path: str, landlock: str) -> dict:
-    from kernel_profile import audit, lockdown
+    from kernel_profile import audit
 
     if lockdown.thread_count() != 1:
         _fail(f"{lockdown.thread_count()} threads before lockdown; seccomp and Landlock must be applied "
@@ -126,8 +128,6 @@ def _init(child: int, program: bytes | None, landlock: str, ready_w: int) -> Non
     dumpable (so ``/proc/1/mem`` and ``/proc/1/environ`` are closed to the
     kernel's uid), Landlock with no file-system access at all, and the
     kernel's own seccomp program."""
-    from kernel_profile import lockdown
-
     def forward(sig, _frame):
         try:
             os.kill(child, sig)
@@ -162,7 +162,9 @@ def _init(child: int, program: bytes | None, landlock: str, ready_w: int) -> Non
 
 def _start_init(args) -> None:
     """Fork: the parent becomes the init and never returns; the child goes on
-    as the kernel once the init has locked itself down."""
+    as the kernel once the init has locked itself down.  lockdown (and
+    ctypes) are imported before the fork: the kernel needs them too, so the
+    pages stay shared and the init's lockdown is quick."""
     program = None if args.seccomp == "none" else _read_program(args.seccomp)
     ready_r, ready_w = os.pipe()
     child = os.fork()
