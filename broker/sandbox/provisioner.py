@@ -470,7 +470,10 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         if opts.get("managed") or opts.get("data_dir"):
             return default
         passed = cwd is not None
-        folder = os.path.realpath(os.fspath(cwd)) if passed else os.getcwd()
+        try:
+            folder = os.path.realpath(os.fspath(cwd)) if passed else os.getcwd()
+        except OSError:  # the caller's folder was removed
+            return default
         data = os.path.realpath(self.sandbox_data_dir)
         if self._named_data_dir and (folder == data or folder.startswith(data + "/")):
             return {}, os.path.normpath(os.path.join("/mnt/data", os.path.relpath(folder, data))), folder
