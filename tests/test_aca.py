@@ -179,6 +179,12 @@ def test_old_generation_file_endpoints(broker):
         assert [v["properties"]["filename"] for v in listing["value"]] == ["report.txt"]
         assert aca(broker, "GET", "files/content/report.txt", i, version=OLD).content == b"0123456789"
         assert aca(broker, "GET", "files/report.txt", i, version=OLD).json()["value"][0]["properties"]["size"] == 10
+        # Semantic Kernel's uploads carry its JSON Content-Type over a multipart body.
+        up = aca(broker, "POST", "files/upload", i, version=OLD, headers={"Content-Type": "application/json"},
+                 data=b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"sk.txt\"\r\n"
+                      b"Content-Type: application/octet-stream\r\n\r\nfrom sk\r\n--b0undary--\r\n")
+        assert up.status_code == 200 and up.json()["value"][0]["properties"]["size"] == 7, up.text
+        assert aca(broker, "GET", "files/content/sk.txt", i, version=OLD).content == b"from sk"
     finally:
         release(broker, i)
 

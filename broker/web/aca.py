@@ -370,7 +370,15 @@ class FilesHandler(AzureHandler):
                            f"api-version {API_RESOURCES[-1]} with POST files")
         s = await self.session()
         args, files = {}, {}
-        httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), self.request.body, args, files)
+        body, ctype = self.request.body, self.request.headers.get("Content-Type", "")
+        first = body[:80].split(b"\r\n", 1)[0]
+        if not ctype.startswith("multipart/form-data") and first.startswith(b"--") and len(first) > 2:
+            # Semantic Kernel leaves its JSON Content-Type on the shared HTTP
+            # client, so its multipart uploads arrive labelled application/json;
+            # the service reads them anyway, by the boundary on the first line.
+            httputil.parse_multipart_form_data(first[2:], body, args, files)
+        else:
+            httputil.parse_body_arguments(ctype, body, args, files)
         uploads = [f for fs in files.values() for f in fs]
         if not uploads:
             raise InvalidArgument("the multipart upload has no file part (send the file in a field named 'file')",
