@@ -284,9 +284,21 @@ def test_identifier_survives_a_broker_restart(tmp_path):
         i = ident("keep")
         assert run(b, i, "open('/mnt/data/kept.txt', 'w').write('still here')\n1")["status"] == "Succeeded"
         sid = aca(b, "GET", "session", i).json()["etag"]
-        b.restart()
+        b.stop()
+        # An entry naming alice's session under bob is not enough to reach it:
+        # every lookup checks the session's owner again.
+        path = os.path.join(b.data_root, ".azure-identifiers.json")
+        with open(path) as fh:
+            mapping = json.load(fh)
+        assert mapping == {"alice": {i: sid}}
+        mapping["bob"] = {"forged-id": sid}
+        with open(path, "w") as fh:
+            json.dump(mapping, fh)
+        b.start()
         assert aca(b, "GET", "session", i).json()["etag"] == sid
         assert aca(b, "GET", "files/kept.txt/content", i).content == b"still here"
         assert owned(b, "alice") == {sid}
-        # Bob's map entry cannot be forged by writing to the file: the owner is checked again.
-        assert aca(b, "GET", "session", i, owner="bob").status_code == 404
+        assert aca(b, "GET", "session", "forged-id", owner="bob").status_code == 404
+        r = run(b, "forged-id", "import os\nos.listdir('/mnt/data')", owner="bob")
+        assert r["result"]["executionResult"] == "[]"
+        assert aca(b, "GET", "session", "forged-id", owner="bob").json()["etag"] != sid

@@ -1,24 +1,19 @@
 """Semantic Kernel's SessionsPythonTool, installed from the package registry,
 against a real broker over HTTPS (the tool accepts only https:// endpoints).
 
-Semantic Kernel does not go into the broker's own virtualenv: it pins
-``mcp<2`` and ``referencing<0.37`` and brings some fifty packages (aiortc, av,
-openai, opentelemetry, ...).  Its requirement is setup.cfg's
-``azure-sk-client`` extra, installed here into ``.venv-sk`` next to ``.venv``
-(once; again when the requirement changes), and the client runs as a
-subprocess with that virtualenv's Python (tests/aca_sk_client.py).
+Semantic Kernel runs from a virtualenv of its own (tests/aca_sk_venv.py says
+why; ``make install`` makes it), as a subprocess with that virtualenv's Python
+(tests/aca_sk_client.py).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import importlib.metadata
 import ipaddress
 import json
 import os
 import subprocess
-import sys
 import uuid
 
 import pytest
@@ -27,41 +22,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.broker_server import REPO, BrokerProcess
+from tests import aca_sk_venv
+from tests.broker_server import BrokerProcess
 
-pytestmark = pytest.mark.timeout(1200)   # the first run installs Semantic Kernel
+pytestmark = pytest.mark.timeout(1200)   # without `make install`, the first run installs Semantic Kernel
 
-EXTRA = "azure-sk-client"
-SK_VENV = os.path.join(REPO, ".venv-sk")
 CLIENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aca_sk_client.py")
-
-
-def requirements() -> list[str]:
-    reqs = []
-    for r in importlib.metadata.requires("broker") or []:
-        spec, _, marker = r.partition(";")
-        if marker.replace(" ", "").replace("'", '"') == f'extra=="{EXTRA}"':
-            reqs.append(spec.strip())
-    assert reqs, f"setup.cfg has no [{EXTRA}] extra (reinstall the project: make install)"
-    return reqs
 
 
 @pytest.fixture(scope="module")
 def sk_python() -> str:
-    reqs = requirements()
-    python = os.path.join(SK_VENV, "bin", "python")
-    stamp = os.path.join(SK_VENV, ".requirements")
-    try:
-        with open(stamp) as fh:
-            if fh.read() == "\n".join(reqs) and os.path.exists(python):
-                return python
-    except OSError:
-        pass
-    subprocess.run([sys.executable, "-m", "venv", "--clear", SK_VENV], check=True)
-    subprocess.run([python, "-m", "pip", "install", "-q", *reqs], check=True, stdin=subprocess.DEVNULL)
-    with open(stamp, "w") as fh:
-        fh.write("\n".join(reqs))
-    return python
+    return aca_sk_venv.ensure()
 
 
 def self_signed(folder: str) -> tuple[str, str]:
