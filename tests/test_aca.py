@@ -167,6 +167,21 @@ def test_resources_generation_round_trip(broker):
     assert aca(broker, "GET", "session", i).status_code == 404
 
 
+def test_timeout_fails_the_execution_and_the_session_goes_on(broker):
+    i = ident("slow")
+    try:
+        r = aca(broker, "POST", "executions", i, json={"code": "x = 5\nimport time\ntime.sleep(30)",
+                                                      "timeoutInSeconds": 2})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["status"] == "Failed" and body["error"]["error"]["code"] == "Timeout"
+        assert "timeoutSeconds=2" in body["result"]["stderr"]
+        assert body["result"]["executionTimeInMilliseconds"] < 20_000
+        assert run(broker, i, "x * 2")["result"]["executionResult"] == 10
+    finally:
+        release(broker, i)
+
+
 def test_old_generation_file_endpoints(broker):
     i = ident("old")
     try:

@@ -215,6 +215,8 @@ def _result_value(text: str | None):
         return ""
     if text in ("True", "False"):
         return text == "True"
+    if text[0] not in "'\"-.0123456789" or len(text) > 100_000:
+        return text        # not a literal the service parses (and never a long parse)
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError, MemoryError, RecursionError):
