@@ -175,7 +175,7 @@ def test_timeout_fails_the_execution_and_the_session_goes_on(broker):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["status"] == "Failed" and body["error"]["error"]["code"] == "Timeout"
-        assert "timeoutSeconds=2" in body["result"]["stderr"]
+        assert "timeoutInSeconds=2" in body["result"]["stderr"]
         assert body["result"]["executionTimeInMilliseconds"] < 20_000
         assert run(broker, i, "x * 2")["result"]["executionResult"] == 10
     finally:

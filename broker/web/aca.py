@@ -284,6 +284,7 @@ class ExecuteHandler(AzureHandler):
         err = r.get("error")
         if err:
             detail = err.get("traceback") or f"{err.get('ename')}: {err.get('evalue')}"
+            detail = detail.replace("timeoutSeconds=", "timeoutInSeconds=")    # the field as the client sent it
             stderr += ("\n" if stderr and not stderr.endswith("\n") else "") + detail.rstrip("\n") + "\n"
         result = self._image(s, r.get("images") or []) or _result_value(r.get("result"))
         ms = int(r.get("duration_ms") or 0)
@@ -300,7 +301,7 @@ class ExecuteHandler(AzureHandler):
                            "executionTimeInMilliseconds": ms}}
         if err:
             body["error"] = {"error": {"code": "Timeout" if r["status"] == "timeout" else err.get("ename") or "Error",
-                                       "message": err.get("evalue") or ""}}
+                                       "message": (err.get("evalue") or "").replace("timeoutSeconds=", "timeoutInSeconds=")}}
         self.write_json(body)
 
     @staticmethod
