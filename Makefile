@@ -43,6 +43,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install -q -e ".[kernel,test]"
 	$(BIN)/broker kernelspec install --sys-prefix
+	# Semantic Kernel, for tests/test_aca_semantic_kernel.py, in a virtualenv of its own (.venv-sk)
+	$(BIN)/python -m tests.aca_sk_venv
 	touch $(STAMP)
 
 kernelspec: install
@@ -55,4 +57,4 @@ bench-quick: install
 	$(BIN)/python bench/run_all.py --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-sk build dist *.egg-info
