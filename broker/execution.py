@@ -141,7 +141,7 @@ class Outcome:
     result: str | None = None
     error: dict | None = None
     outputs: list = field(default_factory=list)
-    images: list = field(default_factory=list)   # {"mime", "data": bytes, "saved_as": [paths]}
+    images: list = field(default_factory=list)   # {"mime", "data": bytes, "saved_as": [paths], "output"}
     execution_count: int | None = None
     duration_ms: int = 0
     truncated: dict = field(default_factory=dict)
@@ -216,7 +216,7 @@ class _Collector:
                         self.o.truncated["images"] = self.o.truncated.get("images", 0) + 1
                         break
                     saved = c.get("metadata", {}).get("broker_saved_as")
-                    self.o.images.append({"mime": mime, "data": blob,
+                    self.o.images.append({"mime": mime, "data": blob, "output": out,
                                           "saved_as": saved if isinstance(saved, list) else []})
                     break
         self.o.outputs.append(out)

@@ -14,11 +14,16 @@ import binascii
 import hashlib
 import os
 import re
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import results
 from broker.errors import InvalidArgument, NotFound
+from broker.execution import strip_ansi
 from broker.files import FileError, guess_type, is_image, normalise
+from broker.results import fence, human
 from broker.sandbox.shell import run_shell
 
 MAX_CODE = 20_000
@@ -179,50 +184,10 @@ def get_tool(name: str) -> Tool:
     return tool
 
 
-# -- markdown -------------------------------------------------------------------
-
-def _fence(text: str, lang: str = "text") -> str:
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def render(result: dict) -> str:
-    parts = []
-    if result.get("stdout"):
-        parts.append(_fence(result["stdout"]))
-    if result.get("stderr"):
-        parts.append("stderr:\n" + _fence(result["stderr"]))
-    if result.get("result"):
-        parts.append(_fence(result["result"]))
-    err = result.get("error")
-    if err:
-        head = f"**{err['ename']}**: {err['evalue']}" if err.get("evalue") else f"**{err['ename']}**"
-        parts.append(head)
-        if err.get("traceback"):
-            parts.append(_fence(err["traceback"]))
-    for img in result.get("images", []):
-        parts.append(f"![{img['name']}]({img['url']})")
-    files = result.get("files", [])
-    if files:
-        parts.append("\n".join(f"- [{f['name']}]({f['url']}) ({_human(f['size'])})" for f in files))
-    if result.get("notice"):
-        parts.append(f"_{result['notice']}_")
-    if not parts:
-        parts.append("_(no output)_" if result.get("status") == "success" else f"_{result.get('status')}_")
-    return "\n\n".join(parts)
-
-
 # -- the calls --------------------------------------------------------------------
+
+_RESULT_SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 class ToolContext:
     """What a tool call needs: the session, link building, and options."""
@@ -231,6 +196,16 @@ class ToolContext:
         self.session = session
         self.links = links
         self.inline_images = inline_images
+
+    @property
+    def results(self) -> results.ResultSettings:
+        """The result budget, configured like the session manager (the app's
+        configuration), made once per manager."""
+        manager = self.session.manager
+        settings = _RESULT_SETTINGS.get(manager)
+        if settings is None:
+            settings = _RESULT_SETTINGS[manager] = results.ResultSettings(parent=manager)
+        return settings
 
     def file_entry(self, path: str, size: int, name: str | None = None) -> dict:
         name = name or os.path.basename(path)
@@ -278,14 +253,21 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     after = files.snapshot()
     # Image files the code saved (savefig) or changed.
     images, links, seen = _changed_files(ctx, files, before, after)
-    saved_images = {img["path"] for img in images}
+    saved_images = {img["path"]: img for img in images}
+    shown: dict[int, dict] = {}    # id(output) -> the image entry it shows, for the markdown's order
     # Images the code displayed (plt.show, IPython.display): written to
     # /mnt/data/outputs so they can be downloaded like any file.
     for n, img in enumerate(outcome.images, 1):
         digest = hashlib.sha256(img["data"]).hexdigest()
         # A figure saved with savefig and then shown is reported once, as the
         # saved file (the kernel marks the display with where it was saved).
-        if digest in seen or saved_images.intersection(img.get("saved_as", [])):
+        saved_as = [f"/mnt/data/{p[len('/mnt/data/'):]}" for p in img.get("saved_as", [])
+                    if p.startswith("/mnt/data/")]
+        same = next((saved_images[p] for p in saved_as if p in saved_images), None)
+        if same is not None:
+            shown[id(img["output"])] = same
+            continue
+        if digest in seen:
             continue
         seen.add(digest)
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg",
@@ -297,14 +279,15 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
             outcome.notice += f" An image could not be saved to /mnt/data ({exc.message}); it is inlined instead."
             entry = ctx.image_entry(path, img["data"], img["mime"])
             entry["url"] = f"data:{img['mime']};base64,{base64.b64encode(img['data']).decode()}"
-            images.append(entry)
-            continue
-        images.append(ctx.image_entry(path, img["data"], img["mime"]))
+        else:
+            entry = ctx.image_entry(path, img["data"], img["mime"])
+        images.append(entry)
+        shown[id(img["output"])] = entry
     return {
         "status": outcome.status, "stdout": outcome.stdout, "stderr": outcome.stderr, "result": outcome.result,
         "error": outcome.error, "images": images, "files": links, "execution_count": outcome.execution_count,
         "duration_ms": outcome.duration_ms, "notice": outcome.notice.strip(), "truncated": outcome.truncated,
-        "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs,
+        "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs, "_shown": shown,
     }
 
 
@@ -418,11 +401,11 @@ async def read_file(ctx: ToolContext, args: dict) -> dict:
               "content": content, "offset": args["offset"], "truncated": truncated, "type": guess_type(rel),
               "url": entry["url"]}
     if encoding == "utf-8":
-        md = _fence(content)
+        md = fence(content)
     elif is_image(rel):
         md = f"![{os.path.basename(rel)}]({entry['url']})"
     else:
-        md = f"Binary file ({_human(st.st_size)}): [{os.path.basename(rel)}]({entry['url']})"
+        md = f"Binary file ({human(st.st_size)}): [{os.path.basename(rel)}]({entry['url']})"
     if truncated:
         md += f"\n\n_Showing bytes {args['offset']}–{args['offset'] + len(data)} of {st.st_size}._"
     result["markdown"] = md
@@ -436,7 +419,7 @@ async def search_files(ctx: ToolContext, args: dict) -> dict:
     for m in matches:
         m["path"] = f"/mnt/data/{m['path']}"
     lines = [f"{m['path'][len('/mnt/data/'):]}:{m['line']}:{m['text']}" for m in matches]
-    md = _fence("\n".join(lines)) if lines else "_No matches._"
+    md = fence("\n".join(lines)) if lines else "_No matches._"
     if truncated:
         md += f"\n\n_Stopped at {args['maxResults']} matches._"
     return {"status": "success", "matches": matches, "count": len(matches), "truncated": truncated, "markdown": md}
@@ -452,7 +435,7 @@ async def list_files(ctx: ToolContext, args: dict) -> dict:
         files.append(d)
     if files:
         rows = ["| name | size | modified | type |", "|---|---:|---|---|"]
-        rows += [f"| {f['name']} | {_human(f['size'])} | {f['modified']} | {f['type']} |" for f in files]
+        rows += [f"| {f['name']} | {human(f['size'])} | {f['modified']} | {f['type']} |" for f in files]
         md = "\n".join(rows)
     else:
         md = "_/mnt/data is empty._"
@@ -467,7 +450,7 @@ async def get_file(ctx: ToolContext, args: dict) -> dict:
         raise InvalidArgument("'saveAsFilename' must be a file name without folders", "saveAsFilename", "a file name")
     entry = ctx.file_entry(info.path, info.size, name)
     return {"status": "success", "name": name, "path": entry["path"], "size": info.size, "type": info.type,
-            "url": entry["url"], "markdown": f"[{name}]({entry['url']}) ({_human(info.size)})"}
+            "url": entry["url"], "markdown": f"[{name}]({entry['url']}) ({human(info.size)})"}
 
 
 async def upload_file(ctx: ToolContext, args: dict) -> dict:
@@ -480,7 +463,7 @@ async def upload_file(ctx: ToolContext, args: dict) -> dict:
     ctx.session.touch()
     entry = ctx.file_entry(r["path"], r["size"])
     return {"status": "success", "path": entry["path"], "size": r["size"], "sha256": r["sha256"], "url": entry["url"],
-            "markdown": f"Uploaded [{os.path.basename(rel)}]({entry['url']}) ({_human(r['size'])}) to {entry['path']}"}
+            "markdown": f"Uploaded [{os.path.basename(rel)}]({entry['url']}) ({human(r['size'])}) to {entry['path']}"}
 
 
 HANDLERS = {
@@ -539,8 +522,42 @@ async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
         import logging
 
         logging.getLogger("broker").exception("could not record %s in the transcript", name)
-    result.pop("outputs", None)  # nbformat outputs are for the transcript, not the caller
+    shown = result.pop("_shown", None) or {}
+    raw = result.pop("outputs", None) or []   # the executor's outputs are for the transcript
     result["tool"] = name
-    if "markdown" not in result:
-        result["markdown"] = render(result)
+    if name in RUN_TOOLS:
+        if name == "RunShellCommand":
+            shaped = results.shell_blocks(result.get("stdout") or "", result.get("stderr") or "", result.get("error"))
+        else:
+            shaped = results.python_blocks(raw, shown, result.get("error"), strip_ansi)
+        full = {"stdout": result.get("stdout") or "", "stderr": result.get("stderr") or ""}
+        # Whole texts are written under the lock, so no other call of the
+        # session counts them among its own new files.
+        async with ctx.session.lock:
+            results.shape_run(result, shaped, ctx.results, _saver(ctx, name, result), full)
+    elif "markdown" not in result:
+        result["markdown"] = "_(no output)_"
     return result
+
+
+RUN_TOOLS = ("ExecutePythonCode", "GeneratePdfReport", "RunShellCommand")
+
+
+def _saver(ctx: ToolContext, name: str, result: dict):
+    """Where the whole text of a cut output goes: /mnt/data/outputs/, named
+    after the cell (``cell-<execution count>-stdout.txt``) or the shell call."""
+    if name == "RunShellCommand":
+        now = time.time()
+        stem = f"shell-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now * 1000) % 1000:03d}"
+    else:
+        stem = f"cell-{result.get('execution_count') or 0}"
+
+    def save(key: str, text: str) -> str | None:
+        path = f"outputs/{stem}-{key}.txt"
+        try:
+            ctx.session.files.write(path, text.encode("utf-8", "replace"))
+        except FileError:
+            return None
+        return f"/mnt/data/{path}"
+
+    return save

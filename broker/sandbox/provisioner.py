@@ -285,7 +285,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             command=argv,
             data_dir=self.sandbox_data_dir,
             rt_dir=self.rt_dir,
-            env=kernel_env(self._extra_env),
+            env=kernel_env({**self._extra_env, **self.profile_env()}),
             ro_paths=python_paths(),
             files={"kernel.json": json.dumps(info).encode(),
                    "kernel.bpf": broker_seccomp.compile_profile(self.seccomp_profile)},
