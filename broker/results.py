@@ -22,6 +22,7 @@ happened, this module decides how it reads.
 
 from __future__ import annotations
 
+import base64
 import json
 import posixpath
 import re
@@ -308,13 +309,14 @@ def _group(entries: list[dict], max_folders: int) -> dict[str, list[dict]]:
         depth -= 1
 
 
-def file_list(entries: list[dict], settings: ResultSettings, what: str = "file") -> tuple[str, list[dict], dict]:
+def file_list(entries: list[dict], settings: ResultSettings, what: str = "file",
+              threshold: int | None = None) -> tuple[str, list[dict], dict]:
     """Markdown for new or changed files: each as a link, or past
     ``max_file_links`` a summary by folder.  Returns (markdown, the entries
     linked, the summary for ``truncated`` or {} when nothing was left out)."""
     if not entries:
         return "", [], {}
-    if len(entries) <= settings.max_file_links:
+    if len(entries) <= (settings.max_file_links if threshold is None else threshold):
         return "\n".join(f"- [{e['name']}]({e['url']}) ({human(e['size'])})" for e in entries), list(entries), {}
     groups = _group(entries, settings.max_folders)
     total = sum(e["size"] for e in entries)
@@ -542,3 +544,101 @@ def shape_run(result: dict, shaped: Shaped, settings: ResultSettings, save: Call
     result["markdown"] = md
     result["truncated"] = truncated
     return result
+
+
+# -- the file tools ----------------------------------------------------------------------------
+
+def _utf8(data: bytes) -> str | None:
+    """*data* as UTF-8, allowing a character cut by the read's end; None for binary."""
+    for trim in range(4):
+        try:
+            return data[:len(data) - trim].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if exc.start < len(data) - 4:
+                return None
+    return None
+
+
+def read_view(data: bytes, offset: int, size: int, entry: dict, image: bool, settings: ResultSettings) -> dict:
+    """ReadSessionFile's content within the budget: text up to the markdown
+    budget (the content is what the markdown shows), binary up to the JSON
+    budget as base64.  ``next_offset`` says where to read on."""
+    name = posixpath.basename(entry["path"])
+    text = _utf8(data)
+    if text is not None:
+        shown = cut_head(text, settings.max_markdown_chars - 400)
+        used = len(shown.encode("utf-8"))
+        out = {"encoding": "utf-8", "content": shown}
+        md = fence(shown)
+    else:
+        used = min(len(data), max(settings.max_json_bytes - 4096, 1024) * 3 // 4)
+        out = {"encoding": "base64", "content": base64.b64encode(data[:used]).decode()}
+        md = f"![{name}]({entry['url']})" if image else f"Binary file ({human(size)}): [{name}]({entry['url']})"
+    end = offset + used
+    out["truncated"] = end < size
+    out["next_offset"] = end if end < size else None
+    if used < len(data):
+        out["cut"] = {"asked": len(data), "returned": used}
+    if end < size:
+        md += (f"\n\n_Showing bytes {offset:,}–{end:,} of {size:,}. Read on with ReadSessionFile "
+               f"{{\"path\": \"{entry['path']}\", \"offset\": {end}}}, search it with SearchSessionFiles, or "
+               f"download it: [{name}]({entry['url']})._")
+    out["markdown"] = md
+    return out
+
+
+def search_view(matches: list[dict], stopped: bool, max_results: int, settings: ResultSettings) -> dict:
+    """SearchSessionFiles' matches within the budgets; ``count`` stays exact."""
+    budget = settings.max_markdown_chars - 400
+    lines, used = [], 0
+    for m in matches:
+        line = f"{m['path'][len(DATA):]}:{m['line']}:{m['text']}"
+        if used + len(line) + 1 > budget:
+            break
+        lines.append(line)
+        used += len(line) + 1
+    listed = matches
+    room = settings.max_json_bytes - budget * 2 - 2048
+    size = 0
+    for n, m in enumerate(matches):
+        size += len(json.dumps(m, ensure_ascii=False).encode()) + 2
+        if size > room:
+            listed = matches[:n]
+            break
+    md = fence("\n".join(lines)) if lines else "_No matches._"
+    notes = []
+    if len(lines) < len(matches):
+        notes.append(f"showing {len(lines):,} of {len(matches):,} matches")
+    if stopped:
+        notes.append(f"stopped at maxResults={max_results}")
+    if notes:
+        md += f"\n\n_{'; '.join(notes).capitalize()}. Narrow the search with path, glob or a more specific pattern._"
+    out = {"matches": listed, "count": len(matches), "truncated": stopped or len(listed) < len(matches),
+           "markdown": md}
+    if len(listed) < len(matches) or len(lines) < len(matches):
+        out["listed"] = len(listed)
+    return out
+
+
+def listing_view(entries: list[dict], where: str, capped: bool, settings: ResultSettings) -> dict:
+    """ListSessionFiles within the budgets: a table, or past ``max_list_rows``
+    a summary by folder and the first rows; ``count`` stays exact."""
+    out = {"count": len(entries)}
+    if not entries:
+        out.update(files=[], markdown="_/mnt/data is empty._" if not where else f"_/mnt/data/{where} is empty._")
+        return out
+    rows = ["| path | size | modified | type |", "|---|---:|---|---|"]
+    rows += [f"| {e['path'][len(DATA):]} | {human(e['size'])} | {e['modified']} | {e['type']} |"
+             for e in entries[:settings.max_list_rows]]
+    table = "\n".join(rows)
+    if len(entries) <= settings.max_list_rows and len(table) <= settings.max_markdown_chars - 400:
+        out.update(files=entries, markdown=table)
+        return out
+    md, _, summary = file_list(entries, settings, threshold=0)
+    listed = entries[:settings.max_list_rows]
+    cap = " (the listing stops there: list a folder to see the rest)" if capped else ""
+    md += (f"\n\n_{plural(len(entries), 'file')}{cap}; 'files' holds the first {len(listed):,}. "
+           f"For every file use RunShellCommand (`find . -type f | sort`)._")
+    summary["listed"] = len(listed)
+    out.update(files=listed, markdown=md, truncated={"files": summary})
+    return out
