@@ -34,6 +34,7 @@ from markdownify import MarkdownConverter
 from traitlets import Integer
 from traitlets.config import LoggingConfigurable
 
+from broker.execution import strip_ansi
 from broker.sandbox.settings import ByteSize
 
 DATA = "/mnt/data/"
@@ -146,32 +147,33 @@ def _joined(value) -> str:
     return "".join(value) if isinstance(value, list) else str(value)
 
 
-def display_text(data: dict) -> tuple[str, str]:
-    """(markdown, kind) for a MIME bundle without an image: the form a model
-    reads best.  *kind* is the MIME type the text came from."""
+def display_text(data: dict) -> tuple[str, str, str | None]:
+    """(text, kind, fence language or None) for a MIME bundle without an
+    image: the form a model reads best.  *kind* is the MIME type the text
+    came from; text with a language is shown in a code block."""
     if "text/markdown" in data:
-        return _joined(data["text/markdown"]).strip(), "text/markdown"
+        return _joined(data["text/markdown"]).strip(), "text/markdown", None
     if "text/html" in data:
         md = html_to_markdown(_joined(data["text/html"]))
         if md:
-            return md, "text/html"
+            return md, "text/html", None
     if "text/latex" in data:
-        return _joined(data["text/latex"]).strip(), "text/latex"
+        return _joined(data["text/latex"]).strip(), "text/latex", None
     if "application/json" in data:
         value = data["application/json"]
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except ValueError:
-                return fence(value, "json"), "application/json"
-        return fence(json.dumps(value, indent=2, ensure_ascii=False, default=str), "json"), "application/json"
+                return value, "application/json", "json"
+        return json.dumps(value, indent=2, ensure_ascii=False, default=str), "application/json", "json"
     plain = _plain(data)
     if plain:
-        return fence(plain), "text/plain"
+        return plain, "text/plain", "text"
     other = [m for m in data if m != "text/plain"]
     if other:
-        return f"_(a {other[0]} output: open the session's transcript to see it)_", other[0]
-    return "", "text/plain"
+        return f"_(a {other[0]} output: open the session's transcript to see it)_", other[0], None
+    return "", "text/plain", None
 
 
 # -- the blocks of a result ------------------------------------------------------------------
@@ -179,11 +181,11 @@ def display_text(data: dict) -> tuple[str, str]:
 @dataclass
 class Block:
     """One piece of a result's markdown.  *body* is what the budget may cut
-    (kept unfenced so that a cut does not break the fence); *fenced* wraps it
-    in a code fence."""
+    (kept unfenced so that a cut does not break the fence); with *lang* it
+    is shown in a code block."""
     body: str
     prefix: str = ""
-    fenced: bool = False
+    lang: str | None = None           # shown in a code block of this language
     cuttable: bool = True
     output: dict | None = None        # the entry of ``outputs`` this block shows
     full: str | None = None           # where the whole text is, once cut
@@ -194,7 +196,7 @@ class Block:
 
     def render(self, body: str | None = None) -> str:
         body = self.body if body is None else body
-        return self.prefix + (fence(body) if self.fenced else body)
+        return self.prefix + (fence(body, self.lang) if self.lang else body)
 
     def size(self) -> int:
         return len(DATA_URI.sub("data:", self.render()))
@@ -205,13 +207,12 @@ class Shaped:
     """What the tools hand over for one Python or shell call."""
     blocks: list[Block] = field(default_factory=list)
     outputs: list[dict] = field(default_factory=list)
-    truncated: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
 def _stream_block(name: str, text: str) -> Block:
     out = {"type": "stream", "name": name, "mimes": ["text/plain"], "text": text}
-    return Block(text, prefix="stderr:\n" if name == "stderr" else "", fenced=True, output=out, key=name)
+    return Block(text, prefix="stderr:\n" if name == "stderr" else "", lang="text", output=out, key=name)
 
 
 def _error_block(err: dict) -> Block:
@@ -221,14 +222,14 @@ def _error_block(err: dict) -> Block:
            err.get("ename", ""), "evalue": err.get("evalue", "")}
     if not tb:
         return Block(head, cuttable=False, output=out)
-    return Block(tb, prefix=head + "\n\n", fenced=True, output=out, key="traceback")
+    return Block(tb, prefix=head + "\n\n", lang="text", output=out, key="traceback")
 
 
 def _image_md(entry: dict) -> str:
     return f"![{entry['name']}]({entry['url']})"
 
 
-def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None, strip: Callable[[str], str]) -> Shaped:
+def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None) -> Shaped:
     """The blocks of an execution, in the order the code produced them.
     *raw_outputs*: the executor's outputs (stream dicts, or ``{"msg": ...}``
     kernel messages); *shown_images*: ``id(output) -> image entry`` for the
@@ -243,7 +244,7 @@ def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None, str
             t, c = msg["msg_type"], msg["content"]
             if t == "error":
                 last_error = {"ename": c.get("ename", ""), "evalue": c.get("evalue", ""),
-                              "traceback": strip("\n".join(c.get("traceback", [])))}
+                              "traceback": strip_ansi("\n".join(c.get("traceback", [])))}
                 b = _error_block(last_error)
             else:
                 data = c.get("data", {})
@@ -257,12 +258,12 @@ def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None, str
                     out["text"] = _plain(data) or "(image not kept: see 'truncated')"
                     b = Block(f"_{out['text']}_", cuttable=False, output=out)
                 else:
-                    text, source = display_text(data)
+                    text, source, lang = display_text(data)
                     if not text:
                         continue
                     out["text"] = text
                     out["shown_as"] = source
-                    b = Block(text, output=out, key=f"output-{n + 1}")
+                    b = Block(text, lang=lang, output=out, key=f"output-{n + 1}")
         if b.output is not None and "text" not in b.output:
             b.output["text"] = b.body
         s.blocks.append(b)
@@ -440,10 +441,17 @@ def shape_run(result: dict, shaped: Shaped, settings: ResultSettings, save: Call
     *save(key, text)*: writes *text* where a model can read it and returns
     its /mnt/data path (or None when it could not)."""
     truncated = dict(result.get("truncated") or {})
-    if isinstance(truncated.get("outputs"), int):
-        truncated["outputs"] = {"dropped": truncated["outputs"]}
     blocks = list(shaped.blocks)
     notes = list(shaped.notes)
+    # The executor's own caps, counted as it kept them.
+    if isinstance(truncated.get("outputs"), int):
+        truncated["outputs"] = {"dropped": truncated["outputs"]}
+        notes.append(f"{plural(truncated['outputs']['dropped'], 'more rich output')} past the executor's "
+                     "limit per cell were dropped.")
+    too_large = truncated.pop("images") if isinstance(truncated.get("images"), int) else 0
+    if too_large:
+        truncated["images"] = {"too_large": too_large}
+        notes.append(f"{plural(too_large, 'image')} over the size limit per image were not kept.")
 
     # Images: those shown by a display keep its place; saved files follow
     # the outputs.  Past max_inline_images they are links.
@@ -467,7 +475,8 @@ def shape_run(result: dict, shaped: Shaped, settings: ResultSettings, save: Call
     if len(images) > limit:
         order = {id(e): i for i, e in enumerate(images)}
         result["images"] = sorted(kept, key=lambda e: order[id(e)])
-        truncated["images"] = {"count": len(images), "inlined": limit, "listed": len(result["images"])}
+        truncated["images"] = {**truncated.get("images", {}), "count": len(images), "inlined": limit,
+                               "listed": len(result["images"])}
         notes.append(f"{plural(len(images), 'image')}: the first {limit} are shown inline, the rest as links.")
 
     files = result.get("files", [])

@@ -21,9 +21,8 @@ from typing import Any
 
 from broker import results
 from broker.errors import InvalidArgument, NotFound
-from broker.execution import strip_ansi
 from broker.files import FileError, guess_type, is_image, normalise
-from broker.results import fence, human
+from broker.results import human
 from broker.sandbox.shell import run_shell
 
 MAX_CODE = 20_000
@@ -549,7 +548,7 @@ async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
         if name == "RunShellCommand":
             shaped = results.shell_blocks(result.get("stdout") or "", result.get("stderr") or "", result.get("error"))
         else:
-            shaped = results.python_blocks(raw, shown, result.get("error"), strip_ansi)
+            shaped = results.python_blocks(raw, shown, result.get("error"))
         full = {"stdout": result.get("stdout") or "", "stderr": result.get("stderr") or ""}
         # Whole texts are written under the lock, so no other call of the
         # session counts them among its own new files.
