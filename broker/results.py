@@ -252,7 +252,8 @@ def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None) -> 
                 out = {"type": kind, "mimes": sorted(data)}
                 entry = shown_images.get(id(item))
                 if entry is not None:
-                    out.update(text=_image_md(entry), image={"path": entry["path"], "url": entry["url"]})
+                    # A data: URI (?images=data) is in 'images' and the markdown already.
+                    out.update(text=DATA_URI.sub("data:…", _image_md(entry)), image={"path": entry["path"]})
                     b = Block(_image_md(entry), cuttable=False, output=out, image=entry)
                 elif any(m.startswith("image/") for m in data):
                     out["text"] = _plain(data) or "(image not kept: see 'truncated')"
@@ -636,7 +637,7 @@ def listing_view(entries: list[dict], where: str, capped: bool, settings: Result
     if not entries:
         out.update(files=[], markdown="_/mnt/data is empty._" if not where else f"_/mnt/data/{where} is empty._")
         return out
-    rows = ["| path | size | modified | type |", "|---|---:|---|---|"]
+    rows = ["| name | size | modified | type |", "|---|---:|---|---|"]
     rows += [f"| {e['path'][len(DATA):]} | {human(e['size'])} | {e['modified']} | {e['type']} |"
              for e in entries[:settings.max_list_rows]]
     table = "\n".join(rows)

@@ -115,7 +115,8 @@ def document() -> dict:
             "mimes": {"type": "array", "items": {"type": "string"}, "description": "The MIME bundle's keys"},
             "text": {"type": "string", "description": "The text shown in markdown for this output"},
             "shown_as": {"type": "string", "description": "The MIME type the text was made from"},
-            "image": {"type": "object", "description": "The image file this output shows (path, url)"},
+            "image": {"type": "object", "description": "The image file this output shows ({path}; its "
+                      "entry in images has the url)"},
             "full": {"type": "string", "nullable": True,
                      "description": "Where the whole text is when it was cut (/mnt/data/outputs/...)"}}},
     }
