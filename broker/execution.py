@@ -32,6 +32,8 @@ from broker.sandbox.settings import ByteSize
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/svg+xml", "image/webp")
 SANDBOX_KERNEL = "python3-sandbox"
+# Said where a stream passed max_stream_bytes (in the stream and in the result's markdown).
+DROPPED = "\n[{name} truncated: {n} more characters not shown]\n"
 
 
 def strip_ansi(text: str) -> str:
@@ -301,7 +303,7 @@ class Executor(LoggingConfigurable):
         for name, n in col.dropped.items():
             if n:
                 col.o.truncated[name] = n
-                notice = f"\n[{name} truncated: {n} more characters not shown]\n"
+                notice = DROPPED.format(name=name, n=n)
                 setattr(col.o, name, getattr(col.o, name) + notice)
         col.o.duration_ms = int((time.monotonic() - start) * 1000)
         return col.o

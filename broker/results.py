@@ -34,7 +34,7 @@ from markdownify import MarkdownConverter
 from traitlets import Integer
 from traitlets.config import LoggingConfigurable
 
-from broker.execution import strip_ansi
+from broker.execution import DROPPED, strip_ansi
 from broker.sandbox.settings import ByteSize
 
 DATA = "/mnt/data/"
@@ -410,6 +410,14 @@ def fit_json(result: dict, fields: list[tuple[dict, str]], budget: int) -> dict:
     tail kept) so that *result* fits *budget* bytes as JSON.  Returns
     {key: characters cut}."""
     cut: dict = {}
+    # Most results are small: a bound that needs no encoding (an escape is at
+    # most 6 bytes per character, an entry of a list a few hundred, the
+    # outputs' texts about the markdown again).
+    rough = sum(len(v) for v in result.values() if isinstance(v, str)) + len(result.get("markdown") or "") + sum(
+        len(c.get(k) or "") for c, k in fields if c is not None and c is not result) + sum(
+        400 * len(v) for v in result.values() if isinstance(v, list))
+    if rough * 6 < budget:
+        return cut
     for _attempt in range(4):
         over = json_size(result) - budget
         if over <= 0:
@@ -449,6 +457,11 @@ def shape_run(result: dict, shaped: Shaped, settings: ResultSettings, save: Call
         truncated["outputs"] = {"dropped": truncated["outputs"]}
         notes.append(f"{plural(truncated['outputs']['dropped'], 'more rich output')} past the executor's "
                      "limit per cell were dropped.")
+    for name in ("stdout", "stderr"):
+        last = [b for b in blocks if b.output and b.output.get("type") == "stream" and b.output["name"] == name]
+        if isinstance(truncated.get(name), int) and last:
+            last[-1].body += DROPPED.format(name=name, n=truncated[name])
+            last[-1].output["text"] = last[-1].body
     too_large = truncated.pop("images") if isinstance(truncated.get("images"), int) else 0
     if too_large:
         truncated["images"] = {"too_large": too_large}

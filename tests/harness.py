@@ -59,8 +59,8 @@ class Run:
 
 
 class SandboxKernel:
-    def __init__(self, kernel_name: str = "python3-sandbox", **start_kwargs):
-        self.km = KernelManager(kernel_name=kernel_name)
+    def __init__(self, kernel_name: str = "python3-sandbox", config=None, **start_kwargs):
+        self.km = KernelManager(kernel_name=kernel_name, **({"config": config} if config is not None else {}))
         self.km.start_kernel(**start_kwargs)
         self.kc = self.km.client()
         self.kc.start_channels()

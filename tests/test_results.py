@@ -175,6 +175,31 @@ def test_autoshow_off_setting(no_autoshow):
         b.delete_session(sid)
 
 
+def test_autoshow_for_the_plain_kernelspec():
+    """The same setting works with no broker: jupyter_client configuration
+    of the provisioner (here, as a papermill or nbclient caller would pass it)."""
+    from traitlets.config import Config
+
+    from tests.harness import SandboxKernel
+
+    code = "import matplotlib.pyplot as plt\nplt.plot([1, 2])"
+    on = SandboxKernel()
+    try:
+        r = on.run(code)
+        assert r.status == "ok" and len(r.displays) == 1 and "image/png" in r.displays[0], r
+    finally:
+        on.shutdown()
+    c = Config()
+    c.SandboxProvisioner.figure_autoshow = False
+    off = SandboxKernel(config=c)
+    try:
+        r = off.run(code)
+        assert r.status == "ok" and r.displays == [], r
+        assert len(off.run("plt.figure(); plt.plot([0]); plt.show()").displays) == 1
+    finally:
+        off.shutdown()
+
+
 # -- bounded answers -------------------------------------------------------------------------------
 
 def test_long_stdout_keeps_head_and_tail_and_the_whole_is_readable(broker, session):
