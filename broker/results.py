@@ -311,8 +311,8 @@ def _group(entries: list[dict], max_folders: int) -> dict[str, list[dict]]:
         depth -= 1
 
 
-def file_list(entries: list[dict], settings: ResultSettings, what: str = "file",
-              threshold: int | None = None) -> tuple[str, list[dict], dict]:
+def file_list(entries: list[dict], settings: ResultSettings, what: str = "file", threshold: int | None = None,
+              link: Callable[[dict], None] | None = None) -> tuple[str, list[dict], dict]:
     """Markdown for new or changed files: each as a link, or past
     ``max_file_links`` a summary by folder.  Returns (markdown, the entries
     linked, the summary for ``truncated`` or {} when nothing was left out)."""
@@ -329,6 +329,9 @@ def file_list(entries: list[dict], settings: ResultSettings, what: str = "file",
     for name, items in ordered[:settings.max_folders]:
         size = sum(e["size"] for e in items)
         shown = items[:settings.links_per_folder]
+        if link is not None:
+            for e in shown:
+                link(e)
         linked.extend(shown)
         links = ", ".join(f"[{posixpath.basename(e['path'])}]({e['url']})" for e in shown)
         more = len(items) - len(shown)
@@ -643,10 +646,14 @@ def search_view(matches: list[dict], stopped: bool, max_results: int, settings: 
     return out
 
 
-def listing_view(entries: list[dict], where: str, capped: bool, settings: ResultSettings) -> dict:
+def listing_view(entries: list[dict], where: str, capped: bool, settings: ResultSettings,
+                 link: Callable[[dict], None]) -> dict:
     """ListSessionFiles within the budgets: a table, or past ``max_list_rows``
-    a summary by folder and the first rows; ``count`` stays exact."""
+    a summary by folder and the first rows; ``count`` stays exact.  *link*
+    gives an entry its signed ``url``: only the entries returned get one."""
     out = {"count": len(entries)}
+    for e in entries[:settings.max_list_rows]:
+        link(e)
     if not entries:
         out.update(files=[], markdown="_/mnt/data is empty._" if not where else f"_/mnt/data/{where} is empty._")
         return out
@@ -657,7 +664,7 @@ def listing_view(entries: list[dict], where: str, capped: bool, settings: Result
     if len(entries) <= settings.max_list_rows and len(table) <= settings.max_markdown_chars - 400:
         out.update(files=entries, markdown=table)
         return out
-    md, _, summary = file_list(entries, settings, threshold=0)
+    md, _, summary = file_list(entries, settings, threshold=0, link=link)
     listed = entries[:settings.max_list_rows]
     cap = " (the listing stops there: list a folder to see the rest)" if capped else ""
     md += (f"\n\n_{plural(len(entries), 'file')}{cap}; 'files' holds the first {len(listed):,}. "

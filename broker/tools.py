@@ -452,12 +452,16 @@ async def list_files(ctx: ToolContext, args: dict) -> dict:
     where = normalise(args["path"] or "")
     infos = files.list(where)
     entries = []
-    for n, i in enumerate(infos):
+    for i in infos:
         d = i.as_dict()
         d["path"] = f"/mnt/data/{i.path}"
-        d["url"] = ctx.links.file(ctx.session.id, i.path)
         entries.append(d)
-    view = results.listing_view(entries, where, len(infos) >= files.max_list, ctx.results)
+
+    def link(entry: dict) -> None:
+        if "url" not in entry:
+            entry["url"] = ctx.links.file(ctx.session.id, entry["path"][len("/mnt/data/"):])
+
+    view = results.listing_view(entries, where, len(infos) >= files.max_list, ctx.results, link)
     return {"status": "success", **view}
 
 
@@ -550,10 +554,10 @@ async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
         else:
             shaped = results.python_blocks(raw, shown, result.get("error"))
         full = {"stdout": result.get("stdout") or "", "stderr": result.get("stderr") or ""}
-        # Whole texts are written under the lock, so no other call of the
-        # session counts them among its own new files.
-        async with ctx.session.lock:
-            results.shape_run(result, shaped, ctx.results, _saver(ctx, name, result), full)
+        # No await between the handler's release of the session lock and
+        # here: the next call of the session cannot start in between, so the
+        # whole texts written now are never counted among its new files.
+        results.shape_run(result, shaped, ctx.results, _saver(ctx, name, result), full)
     elif "markdown" not in result:
         result["markdown"] = "_(no output)_"
     return result
