@@ -55,6 +55,7 @@ def kernel_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "XDG_CACHE_HOME": "/tmp/.cache",
         "XDG_CONFIG_HOME": "/tmp/.config",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "BROKER_FIGURE_AUTOSHOW": "1",      # SandboxSettings.figure_autoshow (profile_env)
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
