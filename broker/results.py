@@ -233,7 +233,8 @@ def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None) -> 
     """The blocks of an execution, in the order the code produced them.
     *raw_outputs*: the executor's outputs (stream dicts, or ``{"msg": ...}``
     kernel messages); *shown_images*: ``id(output) -> image entry`` for the
-    outputs whose image became a file."""
+    outputs whose image became a file (None: the same bytes as an image file
+    the code saved, which is shown after the outputs)."""
     s = Shaped()
     last_error = None
     for n, item in enumerate(raw_outputs):
@@ -251,6 +252,11 @@ def python_blocks(raw_outputs: list, shown_images: dict, error: dict | None) -> 
                 kind = "execute_result" if t == "execute_result" else "display_data"
                 out = {"type": kind, "mimes": sorted(data)}
                 entry = shown_images.get(id(item))
+                if entry is None and id(item) in shown_images:
+                    # The same picture as an image file reported after the outputs.
+                    out["text"] = "(the same image as a file in 'images')"
+                    s.outputs.append(out)
+                    continue
                 if entry is not None:
                     # A data: URI (?images=data) is in 'images' and the markdown already.
                     out.update(text=DATA_URI.sub("data:…", _image_md(entry)), image={"path": entry["path"]})

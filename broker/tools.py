@@ -295,20 +295,20 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     # Image files the code saved (savefig) or changed.
     images, links, seen = _changed_files(ctx, files, before, after)
     saved_images = {img["path"]: img for img in images}
-    shown: dict[int, dict] = {}    # id(output) -> the image entry it shows, for the markdown's order
+    shown: dict[int, dict | None] = {}    # id(output) -> the image entry it shows, for the markdown's order
+    shown_digests: dict[str, dict] = {}
     # Images the code displayed (plt.show, IPython.display): written to
     # /mnt/data/outputs so they can be downloaded like any file.
     for n, img in enumerate(outcome.images, 1):
         digest = hashlib.sha256(img["data"]).hexdigest()
         # A figure saved with savefig and then shown is reported once, as the
         # saved file (the kernel marks the display with where it was saved).
-        saved_as = [f"/mnt/data/{p[len('/mnt/data/'):]}" for p in img.get("saved_as", [])
-                    if p.startswith("/mnt/data/")]
-        same = next((saved_images[p] for p in saved_as if p in saved_images), None)
+        same = next((saved_images[p] for p in img.get("saved_as", []) if p in saved_images), None)
         if same is not None:
             shown[id(img["output"])] = same
             continue
         if digest in seen:
+            shown[id(img["output"])] = shown_digests.get(digest)   # None: a saved file, listed after the outputs
             continue
         seen.add(digest)
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg",
@@ -323,7 +323,7 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
         else:
             entry = ctx.image_entry(path, img["data"], img["mime"])
         images.append(entry)
-        shown[id(img["output"])] = entry
+        shown[id(img["output"])] = shown_digests[digest] = entry
     return {
         "status": outcome.status, "stdout": outcome.stdout, "stderr": outcome.stderr, "result": outcome.result,
         "error": outcome.error, "images": images, "files": links, "execution_count": outcome.execution_count,

@@ -140,6 +140,11 @@ def test_figure_saved_and_left_open_is_reported_once_as_the_file(broker, session
     assert out["image"]["path"] == "/mnt/data/bars.png"
     listed = broker.tool(session, "ListSessionFiles", {})["files"]
     assert not [f for f in listed if f["path"].startswith("/mnt/data/outputs/image-")], listed
+    # A saved file displayed as it is: one image, the file.
+    r = broker.run(session, "plt.plot([2, 1]); plt.savefig('/mnt/data/again.png'); plt.close()\n"
+                            "from IPython.display import Image\ndisplay(Image(filename='/mnt/data/again.png'))")
+    assert [i["path"] for i in r["images"]] == ["/mnt/data/again.png"] and len(md_images(r["markdown"])) == 1, r
+    assert r["outputs"][-1]["text"] == "(the same image as a file in 'images')", r["outputs"]
 
 
 def test_plt_show_then_end_of_cell_is_once_and_close_is_none(broker, session):
