@@ -267,13 +267,14 @@ def make_web_app(state):
 def serve_classes():
     from broker.channels import ChannelSettings
     from broker.execution import Executor
+    from broker.results import ResultSettings
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
 
     from broker.transcripts import TranscriptSettings
 
-    return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, SandboxSettings,
-            SandboxProvisioner]
+    return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
+            SandboxSettings, SandboxProvisioner]
 
 
 class TranscriptApp(Application):

@@ -66,6 +66,7 @@ def kernel_env(extra: dict[str, str] | None = None) -> dict[str, str]:
         "XDG_CACHE_HOME": "/tmp/.cache",
         "XDG_CONFIG_HOME": "/tmp/.config",
         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+        "BROKER_FIGURE_AUTOSHOW": "1",      # SandboxSettings.figure_autoshow (profile_env)
         "PYTHONDONTWRITEBYTECODE": "1",
         "PYDEVD_DISABLE_FILE_VALIDATION": "1",
     }
@@ -530,7 +531,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
             command=argv + boot + ["--"] + extra,
             data_dir=self.sandbox_data_dir,
             rt_dir=self.rt_dir,
-            env=kernel_env(self._extra_env),
+            env=kernel_env({**self._extra_env, **self.profile_env()}),
             ro_paths=paths,
             views=views,
             files={"kernel.json": json.dumps(info).encode(),
