@@ -7,6 +7,7 @@ Subcommands:
   broker openapi              print the OpenAPI document
   broker transcript ID        print a session's transcript (.ipynb)
   broker replay NB.ipynb      re-run a transcript in a fresh session and compare
+  broker mcp                  the tools over MCP on stdio (relays to a broker, or starts one)
 """
 
 from __future__ import annotations
@@ -237,11 +238,12 @@ class ServeApp(Application):
 def make_web_app(state):
     from tornado import web
 
-    from broker.web import files, kernels, openapi, sessions
+    from broker.web import files, kernels, mcp, openapi, sessions
     from broker.web.base import NotFoundHandler
     from broker.web.root import RootHandler
 
-    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes]
+    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
+                *mcp.routes(state)]
     return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
                            compress_response=False)
@@ -254,9 +256,10 @@ def serve_classes():
     from broker.sessions import SessionManager
 
     from broker.transcripts import TranscriptSettings
+    from broker.web.mcp import McpSettings
 
     return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, SandboxSettings,
-            SandboxProvisioner]
+            SandboxProvisioner, McpSettings]
 
 
 class TranscriptApp(Application):
@@ -370,6 +373,7 @@ class BrokerApp(Application):
         "openapi": (OpenAPIApp, OpenAPIApp.description),
         "transcript": (TranscriptApp, TranscriptApp.description),
         "replay": (ReplayApp, ReplayApp.description),
+        "mcp": ("broker.cli.mcp.McpApp", "Serve the tools over MCP on stdio (relays to a broker, or starts one)."),
     }
 
     @property

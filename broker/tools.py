@@ -90,6 +90,12 @@ class Tool:
     description: str
     params: list[Param] = field(default_factory=list)
 
+    def input_schema(self) -> dict:
+        """The JSON Schema of the arguments (OpenAPI and MCP show this one)."""
+        return {"type": "object", "additionalProperties": False,
+                "required": [p.name for p in self.params if p.required],
+                "properties": {p.name: p.schema() for p in self.params}}
+
     def validate(self, args) -> dict:
         if not isinstance(args, dict):
             raise InvalidArgument(f"the body of {self.name} must be a JSON object with the fields "
