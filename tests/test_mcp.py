@@ -110,6 +110,9 @@ async def exercise(session: ClientSession, broker: BrokerProcess, before: set[st
     download = broker.get(f"/api/sessions/{sid}/files/{rel}")
     assert download.status_code == 200 and download.content == blob, "the image content is the file's bytes"
 
+    r = await session.call_tool("ReadSessionFile", {"path": path})
+    assert png_of(r) == blob, "an image read back comes as image content too"
+
     r = await session.call_tool("UploadFileToSession", {"path": "in/data.csv",
                                                         "content": base64.b64encode(CSV).decode()})
     assert not r.isError, text_of(r)

@@ -245,7 +245,7 @@ class McpAdapter:
             raise McpError(types.ErrorData(code=types.INVALID_PARAMS, message=exc.message)) from None
         s.touch()
         mime = guess_type(rel)
-        if mime.startswith("text/") or mime in ("application/json", "application/xml"):
+        if mime.startswith("text/") or mime.endswith(("json", "xml", "yaml")) or mime == "application/sql":
             with contextlib.suppress(UnicodeDecodeError):
                 return [ReadResourceContents(content=data.decode("utf-8"), mime_type=mime)]
         return [ReadResourceContents(content=data, mime_type=mime)]
