@@ -283,7 +283,7 @@ async def test_stdio_relay_to_a_running_broker(broker):
 
 async def test_stdio_with_a_wrong_token_says_so(broker, tmp_path):
     proc = await asyncio.create_subprocess_exec(
-        BROKER_BIN, "mcp", "--url", broker.url, "--token", "wrong", stdin=asyncio.subprocess.PIPE,
+        BROKER_BIN, "mcp", "--url", broker.url + "/mcp", "--token", "wrong", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(b""), 60)
     assert proc.returncode == 2

@@ -82,6 +82,8 @@ class McpApp(Application):
 
     def start(self):
         url, token = self.url.rstrip("/"), self.token
+        if url.endswith("/mcp"):    # the endpoint given instead of the broker's base URL
+            url = url[:-len("/mcp")]
         if url and not token:
             _say("--url needs a token: pass --token or set BROKER_TOKEN")
             self.exit(2)
@@ -143,28 +145,22 @@ async def relay(client: httpx.AsyncClient, endpoint: str) -> None:
     async with streamable_http_client(endpoint, http_client=client) as (http_read, http_write, _), \
             stdio_server() as (stdio_read, stdio_write):
         async with anyio.create_task_group() as tg:
-            async def upstream():
-                async for msg in stdio_read:
-                    if isinstance(msg, Exception):
-                        _say(f"unreadable message on stdin: {msg}")
-                        continue
-                    await http_write.send(msg)
-                tg.cancel_scope.cancel()     # stdin closed: the MCP client is gone
-
-            async def downstream():
-                async for msg in http_read:
-                    if isinstance(msg, Exception):
-                        _say(f"from the broker: {msg}")
-                        continue
-                    await stdio_write.send(msg)
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(upstream)
-            tg.start_soon(downstream)
+            # Either side ending (stdin closed: the MCP client is gone) ends both.
+            tg.start_soon(_pump, stdio_read, http_write, "unreadable message on stdin", tg.cancel_scope.cancel)
+            tg.start_soon(_pump, http_read, stdio_write, "from the broker", tg.cancel_scope.cancel)
         # Closing our ends lets both transports wind down: stdio's writer
         # stops, and the HTTP one ends the MCP session (DELETE).
         await stdio_write.aclose()
         await http_write.aclose()
+
+
+async def _pump(source, sink, what: str, done) -> None:
+    async for msg in source:
+        if isinstance(msg, Exception):
+            _say(f"{what}: {msg}")
+            continue
+        await sink.send(msg)
+    done()
 
 
 def supervise(spec: dict) -> int:
