@@ -22,6 +22,7 @@ import requests
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import McpError
 from PIL import Image
 
 from broker.tools import TOOLS
@@ -318,7 +319,9 @@ async def test_stdio_starts_its_own_broker(tmp_path):
 
 @pytest.fixture(scope="module")
 def idle_broker(tmp_path_factory):
+    """Short MCP idle timeout, small image and resource budgets."""
     b = BrokerProcess(str(tmp_path_factory.mktemp("mcp-idle")), "--McpSettings.session_idle_timeout=2",
+                      "--McpSettings.max_image_bytes=2000", "--McpSettings.max_resource_bytes=100",
                       "--SessionManager.pool_size=0")
     b.start()
     yield b
@@ -337,6 +340,28 @@ async def test_an_idle_mcp_session_ends_with_its_broker_session(idle_broker):
     assert sessions_of(b) == set(), "idle for 2 s: the MCP session and its broker session ended"
     r = b.post("/mcp", headers=_mcp_headers(mcp_sid), json=_call("print(1)", 3))
     assert r.status_code == 404, r.text
+
+
+async def test_images_and_resources_past_their_budgets_are_links_and_say_so(idle_broker):
+    b = idle_broker
+    async with mcp_http(b) as (session, _):
+        r = await session.call_tool("ExecutePythonCode", {"pythonCode": SEED_BAR_CHART})
+        assert not r.isError, text_of(r)
+        assert [c.type for c in r.content] == ["text", "resource_link", "text"], r.content
+        assert str(r.content[1].uri) == "sandbox:///mnt/data/incidents_by_severity.png"
+        assert "McpSettings.max_image_bytes" in r.content[2].text
+        with pytest.raises(McpError) as err:
+            await session.read_resource("sandbox:///mnt/data/incidents_by_severity.png")
+        assert "McpSettings.max_resource_bytes" in err.value.error.message
+        assert "ReadSessionFile" in err.value.error.message
+        # Nothing outside the session's /mnt/data is a resource.
+        for uri in ("sandbox:///mnt/data/../../etc/passwd", "sandbox:///mnt/data/%2E%2E/%2E%2E/etc/passwd",
+                    "file:///etc/passwd"):
+            with pytest.raises(McpError) as err:
+                await session.read_resource(uri)
+            assert "root:" not in err.value.error.message
+        r = await session.call_tool("ReadSessionFile", {"path": "incidents_by_severity.png", "maxBytes": 50})
+        assert r.structuredContent["truncated"] and not [c for c in r.content if c.type == "image"]
 
 
 if __name__ == "__main__":   # pragma: no cover

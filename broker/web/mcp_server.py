@@ -189,9 +189,11 @@ class McpAdapter:
                           "size": result["size"], "type": result.get("type") or guess_type(result["path"]),
                           "url": result["url"]})
         for f in skipped + files:
+            url = f.get("url") or ""
             out.append(types.ResourceLink(type="resource_link", uri=resource_uri(f["path"]),
                                           name=f.get("name") or os.path.basename(f["path"]), mimeType=f["type"],
-                                          size=f["size"], description=f"Download link: {f['url']}"))
+                                          size=f["size"],
+                                          description=f"Download link: {url}" if url.startswith("http") else None))
         if skipped:
             out.append(types.TextContent(type="text", text=(
                 f"{len(skipped)} image(s) are not included as image content: past the "
@@ -292,10 +294,13 @@ class McpBridge:
     async def ensure_running(self) -> None:
         if self._task is None:
             self._task = asyncio.ensure_future(self._run())
-        await asyncio.wait([asyncio.ensure_future(self._ready.wait()), self._task],
-                           return_when=asyncio.FIRST_COMPLETED)
+        if not self._ready.is_set():
+            ready = asyncio.ensure_future(self._ready.wait())
+            await asyncio.wait([ready, self._task], return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
         if self._task.done():
-            raise RuntimeError("the MCP session manager stopped") from self._task.exception()
+            why = None if self._task.cancelled() else self._task.exception()
+            raise RuntimeError("the MCP session manager stopped") from why
 
     async def handle(self, scope: dict, owner: str, receive, send) -> None:
         # The SDK binds each MCP session to the credential that opened it
