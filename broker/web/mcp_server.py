@@ -25,6 +25,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import logging
 import os
 from urllib.parse import quote, unquote
 
@@ -43,6 +44,21 @@ from broker.files import FileError, guess_type, normalise
 from broker.links import Links
 from broker.tools import TOOLS, ToolContext, call_tool, get_tool
 from broker.web.mcp import McpSettings
+
+log = logging.getLogger("broker.mcp")
+
+
+class _QuietStreamClose(logging.Filter):
+    """The SDK logs a traceback each time a session with an open GET stream
+    ends (its writer finds the stream closed under it): that is the normal
+    end of every such session, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.getMessage() == "Error in standalone SSE writer" and record.exc_info
+                    and isinstance(record.exc_info[1], anyio.ClosedResourceError))
+
+
+logging.getLogger("mcp.server.streamable_http").addFilter(_QuietStreamClose())
 
 RESOURCE_PREFIX = "sandbox:///mnt/data/"
 PAGE = 500   # resources per resources/list page
@@ -101,22 +117,20 @@ class McpAdapter:
     # -- the MCP session's lifetime ---------------------------------------------------
     @contextlib.asynccontextmanager
     async def _lifespan(self, _server):
-        """Entered when an MCP session starts, left when it ends."""
+        """Entered when an MCP session starts, left when it ends (however)."""
         mine = McpSession()
         try:
             yield mine
-        except BaseException:
-            # Cancelled: the broker is stopping.  Its sessions stay on disk
-            # like every other and the idle cooldown removes them later.
-            raise
-        else:
+        finally:
             s = mine.session
-            if s is not None and not s.deleted:
+            # When the broker stops, its sessions stay on disk like every
+            # other and the idle cooldown removes them after the restart.
+            if s is not None and not s.deleted and not self.sessions.closing:
                 with anyio.CancelScope(shield=True):
                     try:
                         await self.sessions.delete(s.id, s.owner)
-                    except BrokerError:
-                        pass
+                    except Exception:   # the MCP session is over either way; say why its session stayed
+                        log.exception("could not delete session %s at the end of its MCP session", s.id)
 
     def _caller(self) -> tuple[McpSession, str, Links]:
         ctx = self.server.request_context
