@@ -14,10 +14,8 @@ Which broker:
   running broker;
 - no URL: start one of its own: ``broker serve`` on a free loopback port with
   a fresh token, a fresh temporary data root and no warm pool, its log in a
-  file named on stderr.  A small supervisor process (in a session of its
-  own, so an MCP host that kills our process group does not cut its work
-  short) starts it, and stops it and removes the folder once the relay ends,
-  however the relay ends (its stdin pipe closes).
+  file named on stderr, through a supervisor that stops it and removes the
+  folder when the relay ends, however it ends (``broker/cli/mcp_supervisor.py``).
 
 stdout carries only the protocol; everything else goes to stderr.
 """
@@ -25,17 +23,12 @@ stdout carries only the protocol; everything else goes to stderr.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import os
-import re
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-import time
 
 import anyio
 import httpx
@@ -45,7 +38,6 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from traitlets import Float, Unicode, default
 from traitlets.config import Application
 
-LISTENING = re.compile(r"listening on (http://\S+?)/?\s*$", re.M)
 
 
 def _say(msg: str) -> None:
@@ -105,7 +97,7 @@ class McpApp(Application):
         token = secrets.token_hex(24)
         spec = {"data_root": self.data_root, "config": self.serve_config, "log": self.log_file,
                 "timeout": self.startup_timeout}
-        supervisor = subprocess.Popen([sys.executable, "-m", "broker.cli.mcp", "--supervise", json.dumps(spec)],
+        supervisor = subprocess.Popen([sys.executable, "-m", "broker.cli.mcp_supervisor", json.dumps(spec)],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
                                       env=dict(os.environ, BROKER_TOKEN=token))
         url = supervisor.stdout.readline().decode().strip()
@@ -161,64 +153,3 @@ async def _pump(source, sink, what: str, done) -> None:
             continue
         await sink.send(msg)
     done()
-
-
-def supervise(spec: dict) -> int:
-    """The supervisor (``python -m broker.cli.mcp --supervise SPEC``): start
-    ``broker serve`` on a free loopback port in a fresh temporary folder,
-    print its URL, wait for stdin to close, then stop it and remove the
-    folder.  The token comes in BROKER_TOKEN."""
-    tmp = tempfile.mkdtemp(prefix="broker-mcp-")
-    os.chmod(tmp, 0o711)
-    log_path = spec["log"] or os.path.join(tmp, "broker.log")
-    cmd = [sys.executable, "-m", "broker.app", "serve", "--ip", "127.0.0.1", "--port", "0",
-           "--data-root", spec["data_root"] or os.path.join(tmp, "sessions")]
-    if spec["config"]:
-        cmd += ["--config", spec["config"]]
-    else:
-        # One MCP session, made at the first tool call: no warm pool.
-        cmd += ["--SessionManager.pool_size=0"]
-    with open(log_path, "ab") as log:
-        broker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                  preexec_fn=_die_with_parent)
-    _say(f"started a broker (pid {broker.pid}); its log: {log_path}")
-    try:
-        url = _wait_listening(broker, log_path, spec["timeout"])
-        if url is None:
-            with open(log_path, errors="replace") as fh:
-                tail = "".join(fh.readlines()[-20:])
-            _say(f"the broker did not start within {spec['timeout']:.0f} s; its log ends:\n{tail}")
-            return 1
-        print(url, flush=True)
-        sys.stdin.buffer.read()     # until the relay ends
-        return 0
-    finally:
-        if broker.poll() is None:
-            broker.send_signal(signal.SIGTERM)
-            try:
-                broker.wait(60)
-            except subprocess.TimeoutExpired:
-                broker.kill()
-                broker.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _wait_listening(broker: subprocess.Popen, log_path: str, timeout: float) -> str | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and broker.poll() is None:
-        with open(log_path, errors="replace") as fh:
-            m = LISTENING.search(fh.read())
-        if m:
-            return m.group(1)
-        time.sleep(0.1)
-    return None
-
-
-def _die_with_parent() -> None:
-    """In the broker, before exec: SIGTERM when the supervisor dies."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["--supervise"]:
-    sys.exit(supervise(json.loads(sys.argv[2])))
