@@ -7,6 +7,7 @@ Subcommands:
   broker openapi              print the OpenAPI document
   broker transcript ID        print a session's transcript (.ipynb)
   broker replay NB.ipynb      re-run a transcript in a fresh session and compare
+  broker mcp                  the tools over MCP on stdio (relays to a broker, or starts one)
 """
 
 from __future__ import annotations
@@ -253,11 +254,12 @@ class ServeApp(Application):
 def make_web_app(state):
     from tornado import web
 
-    from broker.web import aca, files, kernels, openapi, sessions
+    from broker.web import aca, files, kernels, mcp, openapi, sessions
     from broker.web.base import NotFoundHandler
     from broker.web.root import RootHandler
 
-    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes]
+    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
+                *mcp.routes(state)]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
     return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
@@ -272,9 +274,10 @@ def serve_classes():
     from broker.sessions import SessionManager
 
     from broker.transcripts import TranscriptSettings
+    from broker.web.mcp import McpSettings
 
     return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
-            SandboxSettings, SandboxProvisioner]
+            SandboxSettings, SandboxProvisioner, McpSettings]
 
 
 class TranscriptApp(Application):
@@ -388,6 +391,7 @@ class BrokerApp(Application):
         "openapi": (OpenAPIApp, OpenAPIApp.description),
         "transcript": (TranscriptApp, TranscriptApp.description),
         "replay": (ReplayApp, ReplayApp.description),
+        "mcp": ("broker.cli.mcp.McpApp", "Serve the tools over MCP on stdio (relays to a broker, or starts one)."),
     }
 
     @property

@@ -316,6 +316,11 @@ class SessionManager(LoggingConfigurable):
                 culled.append(s.id)
         return culled
 
+    @property
+    def closing(self) -> bool:
+        """True once shutdown() has begun."""
+        return self._closing
+
     async def shutdown(self) -> None:
         """Stop every kernel; session folders stay for the next run."""
         self._closing = True

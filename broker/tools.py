@@ -99,6 +99,12 @@ class Tool:
         """The description's first sentence (a one-line title for listings)."""
         return self.description.split(". ", 1)[0].rstrip(".") + "."
 
+    def input_schema(self) -> dict:
+        """The JSON Schema of the arguments (OpenAPI and MCP show this one)."""
+        return {"type": "object", "additionalProperties": False,
+                "required": [p.name for p in self.params if p.required],
+                "properties": {p.name: p.schema() for p in self.params}}
+
     def validate(self, args) -> dict:
         if not isinstance(args, dict):
             raise InvalidArgument(f"the body of {self.name} must be a JSON object with the fields "

@@ -121,9 +121,7 @@ def document() -> dict:
                      "description": "Where the whole text is when it was cut (/mnt/data/outputs/...)"}}},
     }
     for name, tool in TOOLS.items():
-        schemas[name] = {"type": "object", "additionalProperties": False,
-                         "required": [p.name for p in tool.params if p.required],
-                         "properties": {p.name: p.schema() for p in tool.params}}
+        schemas[name] = tool.input_schema()
         paths[f"/api/sessions/{{id}}/tools/{name}"] = {
             "parameters": [sid],
             "post": {"summary": tool.summary, "description": tool.description, "operationId": name,
