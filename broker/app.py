@@ -85,7 +85,9 @@ class CheckApp(Application):
 class BrokerState:
     """What the handlers share: the collaborators the app composed."""
 
-    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str, channels=None):
+    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str, channels=None,
+                 event_keepalive: float = 15.0):
+        self.event_keepalive = event_keepalive
         self.sessions = sessions
         self.channels = channels
         self.auth = auth
@@ -112,6 +114,8 @@ class ServeApp(Application):
     inline_images = CaselessStrEnum(["url", "data"], default_value="url", config=True, help="""How tool results
         carry images by default: signed download URLs, or data: URIs. Per call: ?images=url|data.""")
     link_ttl = Float(24 * 3600, min=60, config=True, help="Seconds a signed download link stays valid.")
+    event_keepalive = Float(15.0, min=0.5, config=True, help="""Seconds of silence after which a tool call's
+        event stream (Accept: text/event-stream) sends a keep-alive comment, so proxies keep it open.""")
 
     @default("token")
     def _default_token(self):
@@ -201,7 +205,7 @@ class ServeApp(Application):
         from broker.channels import ChannelSettings
 
         self.state = BrokerState(self.sessions, self.auth, self.signer, self.public_url.rstrip("/"),
-                                 self.inline_images, ChannelSettings(parent=self))
+                                 self.inline_images, ChannelSettings(parent=self), self.event_keepalive)
         self.web_app = make_web_app(self.state)
 
     def start(self):
