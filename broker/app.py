@@ -5,8 +5,12 @@ Subcommands:
   broker kernelspec install   install the python3-sandbox kernelspec
   broker check                check every sandbox prerequisite and say what is missing
   broker openapi              print the OpenAPI document
-  broker transcript ID        print a session's transcript (.ipynb)
+  broker transcript ID        print a session's transcript (.ipynb), local or with --url from a broker
   broker replay NB.ipynb      re-run a transcript in a fresh session and compare
+  broker sessions             list (ls), create (new), show and delete (rm) sessions on a broker
+  broker exec CODE            run Python in a session; output as it comes (docs/client.md)
+  broker shell COMMAND        run a shell command in a session
+  broker files ls|get|put|rm  a session's /mnt/data
 """
 
 from __future__ import annotations
@@ -372,8 +376,15 @@ class BrokerApp(Application):
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "check": (CheckApp, CheckApp.description),
         "openapi": (OpenAPIApp, OpenAPIApp.description),
-        "transcript": (TranscriptApp, TranscriptApp.description),
+        # transcript: the local form (TranscriptApp) plus a remote one with --url.
+        "transcript": ("broker.cli.transcript.TranscriptCommand",
+                       "Write a session's transcript (.ipynb), from the data root or with --url from a broker."),
         "replay": (ReplayApp, ReplayApp.description),
+        # Client commands (broker/cli/, on broker.client): named by path so `broker serve` never imports them.
+        "sessions": ("broker.cli.sessions.SessionsApp", "List, create, show and delete sessions on a broker."),
+        "exec": ("broker.cli.run.ExecApp", "Run Python in a session, output as it comes."),
+        "shell": ("broker.cli.run.ShellApp", "Run a shell command in a session, output as it comes."),
+        "files": ("broker.cli.files.FilesApp", "A session's /mnt/data: ls, get, put, rm."),
     }
 
     @property

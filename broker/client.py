@@ -327,6 +327,11 @@ class _Req:
     content: Any = None
     params: dict | None = None
     timeout: float | None = None
+    headers: dict | None = None
+
+
+def _timeout(req: _Req):
+    return req.timeout if req.timeout is not None else httpx.USE_CLIENT_DEFAULT
 
 
 def _check(r: httpx.Response) -> httpx.Response:
@@ -403,9 +408,17 @@ class _Requests:
         return _Req("GET", f"/api/sessions/{sid}/files/{_file_path(path)}", lambda r: r.content, timeout=600)
 
     @staticmethod
-    def upload(sid: str, path: str, data) -> _Req:
+    def upload(sid: str, path: str, data: bytes | IO[bytes]) -> _Req:
+        headers, content = None, data
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            # A file is sent in chunks, with its length when it has one.
+            try:
+                headers = {"Content-Length": str(os.fstat(data.fileno()).st_size - data.tell())}
+            except (AttributeError, OSError, ValueError):
+                pass
+            content = iter(lambda: data.read(1 << 20), b"")
         return _Req("PUT", f"/api/sessions/{sid}/files/{_file_path(path)}", lambda r: _build(Upload, r.json()),
-                    content=data, timeout=600)
+                    content=content, timeout=600, headers=headers)
 
     @staticmethod
     def delete_file(sid: str, path: str) -> _Req:
@@ -454,7 +467,7 @@ class Client:
     def _send(self, req: _Req) -> Any:
         try:
             r = self._http.request(req.method, req.path, json=req.json, content=req.content, params=req.params,
-                                   timeout=req.timeout if req.timeout is not None else httpx.USE_CLIENT_DEFAULT)
+                                   headers=req.headers, timeout=_timeout(req))
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from None
         return req.parse(_check(r))
@@ -628,8 +641,7 @@ class AsyncClient:
     async def _send(self, req: _Req) -> Any:
         try:
             r = await self._http.request(req.method, req.path, json=req.json, content=req.content,
-                                         params=req.params,
-                                         timeout=req.timeout if req.timeout is not None else httpx.USE_CLIENT_DEFAULT)
+                                         params=req.params, headers=req.headers, timeout=_timeout(req))
         except httpx.TransportError as exc:
             raise _unreachable(self.url, exc) from None
         return req.parse(_check(r))
