@@ -25,6 +25,7 @@ import signal
 
 from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode, default
 from traitlets.config import Application, catch_config_error
+from traitlets.utils.importstring import import_item
 
 from broker import __version__
 from broker.sandbox.settings import SandboxSettings
@@ -403,6 +404,16 @@ class BrokerApp(Application):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sub = BrokerApp.subcommands.get(argv[0]) if argv else None
+    if sub and isinstance(sub[0], str):
+        # A subcommand named by import path starts on its own: BrokerApp would
+        # first import every server class (nbformat's jsonschema alone costs
+        # ~3 s of CPU), which a client command like `broker exec` never needs.
+        app = import_item(sub[0]).instance()
+        app.initialize(argv[1:])
+        app.start()
+        return
     app = BrokerApp.instance()
     app.initialize(argv)
     app.start()

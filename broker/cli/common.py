@@ -26,8 +26,7 @@ import sys
 from traitlets import Bool, Float, Unicode
 from traitlets.config import Application, Configurable
 
-from broker.client import (ApiError, BrokerClientError, Client, ConfigError, ConnectionFailed, ToolResult,
-                           Unauthorized)
+from broker.client import ApiError, BrokerClientError, Client, ConnectionFailed, ToolResult, Unauthorized
 
 ENV_SESSION = "BROKER_SESSION"
 
@@ -146,7 +145,7 @@ class ClientApp(Application):
         if isinstance(exc, ApiError) and exc.field and exc.field not in exc.message:
             where = f" (field {exc.field!r}: {exc.allowed or 'see docs/api.md'})"
         hint = ""
-        if isinstance(exc, ConfigError) or (isinstance(exc, Unauthorized)):
+        if isinstance(exc, Unauthorized):
             hint = "\n  (set the URL and token with --url/--token, BROKER_URL/BROKER_TOKEN, or ~/.config/broker/client.json)"
         print(f"{self.command}: {exc.message}{where}{hint}", file=sys.stderr)
         self.exit(code)

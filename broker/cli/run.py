@@ -96,8 +96,8 @@ class RunApp(ClientApp):
                 print(r.error.traceback.rstrip(), file=sys.stderr)
             else:
                 print(f"{r.error.ename}: {r.error.evalue}", file=sys.stderr)
-        for item in [*r.images, *r.files]:
-            print(f"{item.path} ({human_size(item.size)}): {item.url}")
+        for item in [*r.images, *r.files]:      # on stderr: stdout stays the code's own output
+            print(f"{item.path} ({human_size(item.size)}): {item.url}", file=sys.stderr)
         if r.notice:
             print(r.notice, file=sys.stderr)
         sys.stdout.flush()
