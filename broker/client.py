@@ -309,8 +309,16 @@ def _event(name: str, text: str, now: float) -> Event:
 # -- requests, shared by the sync and async clients -----------------------------------------
 
 def _file_path(path: str) -> str:
-    """A /mnt/data path for a URL: relative, each segment quoted."""
-    return quote(_relative(path), safe="/")
+    """A /mnt/data path for a URL: relative, each segment quoted.  "." and
+    ".." are escaped too, so that they reach the broker (which refuses them)
+    instead of being resolved away by URL normalisation into another
+    endpoint (files/../../ID would otherwise be the session ID itself)."""
+    return "/".join(_segment(seg) for seg in _relative(path).split("/"))
+
+
+def _segment(text: str) -> str:
+    """One URL path segment (a session id, a tool name), quoted whatever it holds."""
+    return {".": "%2E", "..": "%2E%2E"}.get(text, quote(text, safe=""))
 
 
 def _tool_timeout(args: dict) -> float:
@@ -345,7 +353,7 @@ def _check(r: httpx.Response) -> httpx.Response:
 
 
 def _tool_req(sid: str, tool: str, args: dict, images: str | None) -> _Req:
-    return _Req("POST", f"/api/sessions/{sid}/tools/{quote(tool, safe='')}",
+    return _Req("POST", f"/api/sessions/{_segment(sid)}/tools/{_segment(tool)}",
                 lambda r: ToolResult.from_json(r.json()), json=args,
                 params={"images": images} if images else None, timeout=_tool_timeout(args))
 
@@ -391,21 +399,22 @@ class _Requests:
 
     @staticmethod
     def info(sid: str) -> _Req:
-        return _Req("GET", f"/api/sessions/{sid}", lambda r: _build(SessionInfo, r.json()))
+        return _Req("GET", f"/api/sessions/{_segment(sid)}", lambda r: _build(SessionInfo, r.json()))
 
     @staticmethod
     def delete(sid: str) -> _Req:
-        return _Req("DELETE", f"/api/sessions/{sid}", lambda r: None)
+        return _Req("DELETE", f"/api/sessions/{_segment(sid)}", lambda r: None)
 
     @staticmethod
     def files(sid: str, path: str) -> _Req:
         keep = _in_folder(path)
-        return _Req("GET", f"/api/sessions/{sid}/files",
+        return _Req("GET", f"/api/sessions/{_segment(sid)}/files",
                     lambda r: [f for f in (_build(FileInfo, d) for d in r.json()) if keep(f)])
 
     @staticmethod
     def download(sid: str, path: str) -> _Req:
-        return _Req("GET", f"/api/sessions/{sid}/files/{_file_path(path)}", lambda r: r.content, timeout=600)
+        return _Req("GET", f"/api/sessions/{_segment(sid)}/files/{_file_path(path)}", lambda r: r.content,
+                    timeout=600)
 
     @staticmethod
     def upload(sid: str, path: str, data: bytes | IO[bytes]) -> _Req:
@@ -417,16 +426,16 @@ class _Requests:
             except (AttributeError, OSError, ValueError):
                 pass
             content = iter(lambda: data.read(1 << 20), b"")
-        return _Req("PUT", f"/api/sessions/{sid}/files/{_file_path(path)}", lambda r: _build(Upload, r.json()),
-                    content=content, timeout=600, headers=headers)
+        return _Req("PUT", f"/api/sessions/{_segment(sid)}/files/{_file_path(path)}",
+                    lambda r: _build(Upload, r.json()), content=content, timeout=600, headers=headers)
 
     @staticmethod
     def delete_file(sid: str, path: str) -> _Req:
-        return _Req("DELETE", f"/api/sessions/{sid}/files/{_file_path(path)}", lambda r: None)
+        return _Req("DELETE", f"/api/sessions/{_segment(sid)}/files/{_file_path(path)}", lambda r: None)
 
     @staticmethod
     def transcript(sid: str) -> _Req:
-        return _Req("GET", f"/api/sessions/{sid}/transcript", lambda r: r.text)
+        return _Req("GET", f"/api/sessions/{_segment(sid)}/transcript", lambda r: r.text)
 
 
 def _http_args(settings: Settings, timeout: float, transport) -> dict:

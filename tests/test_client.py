@@ -118,6 +118,22 @@ def test_errors_name_the_field(broker, session, env):
     assert e.value.status == 401
 
 
+def test_dot_segments_in_paths_never_reach_another_endpoint(broker, env):
+    """URL normalisation would turn files/../../ID into the session ID
+    itself: a file deletion must never become a session deletion."""
+    with Client(broker.url, "tok-alice") as c, c.create_session() as one, c.create_session() as two:
+        for path in (f"../../{two.id}", f"/mnt/data/../../{two.id}", "../x", "a/../../x"):
+            with pytest.raises(InvalidArgument) as e:
+                one.delete_file(path)
+            assert e.value.reason == "invalid_path", path
+        assert two.info().state == "idle" and one.info().state == "idle"
+        with pytest.raises(NotFound):
+            c.session("..").info()
+        with pytest.raises(NotFound):
+            c.session(f"{one.id}/files/..").info()
+        assert one.info().id == one.id
+
+
 def test_unreachable_broker_and_missing_token(env):
     with Client(f"http://127.0.0.1:{free_port()}", "tok") as c, pytest.raises(ConnectionFailed) as e:
         c.sessions()

@@ -42,14 +42,13 @@ class RunApp(ClientApp):
             args["timeoutSeconds"] = self.timeout_seconds
         sid = self.session_id(self.session, required=False)
         session = self.client.session(sid) if sid else self.client.create_session()
+        if not sid and self.keep:
+            print(f"session: {session.id}", file=sys.stderr, flush=True)
         try:
             result = self.call(session, args)
         finally:
-            if not sid:
-                if self.keep:
-                    print(f"session: {session.id}", file=sys.stderr)
-                else:
-                    session.delete()
+            if not sid and not self.keep:
+                session.delete()
         return exit_code_for_result(result)
 
     def call(self, s: Session, args: dict) -> ToolResult:
