@@ -10,10 +10,10 @@ the whole process tree is killed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import time
 import uuid
-import codecs
 from dataclasses import dataclass
 from typing import Callable
 
