@@ -5,9 +5,13 @@ Subcommands:
   broker kernelspec install   install the python3-sandbox kernelspec
   broker check                check every sandbox prerequisite and say what is missing
   broker openapi              print the OpenAPI document
-  broker transcript ID        print a session's transcript (.ipynb)
+  broker transcript ID        print a session's transcript (.ipynb), local or with --url from a broker
   broker replay NB.ipynb      re-run a transcript in a fresh session and compare
   broker mcp                  the tools over MCP on stdio (relays to a broker, or starts one)
+  broker sessions             list (ls), create (new), show and delete (rm) sessions on a broker
+  broker exec CODE            run Python in a session; output as it comes (docs/client.md)
+  broker shell COMMAND        run a shell command in a session
+  broker files ls|get|put|rm  a session's /mnt/data
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import signal
 
 from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode, default
 from traitlets.config import Application, catch_config_error
+from traitlets.utils.importstring import import_item
 
 from broker import __version__
 from broker.sandbox.settings import SandboxSettings
@@ -86,7 +91,9 @@ class CheckApp(Application):
 class BrokerState:
     """What the handlers share: the collaborators the app composed."""
 
-    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str, channels=None):
+    def __init__(self, sessions, auth, signer, public_url: str, inline_images: str, channels=None,
+                 event_keepalive: float = 15.0):
+        self.event_keepalive = event_keepalive
         self.sessions = sessions
         self.channels = channels
         self.auth = auth
@@ -116,6 +123,8 @@ class ServeApp(Application):
     certfile = Unicode("", config=True, help="""PEM certificate (chain) to serve HTTPS instead of HTTP, e.g. for
         clients that accept only https:// endpoints (Semantic Kernel's SessionsPythonTool). Needs keyfile.""")
     keyfile = Unicode("", config=True, help="PEM private key of certfile.")
+    event_keepalive = Float(15.0, min=0.5, config=True, help="""Seconds of silence after which a tool call's
+        event stream (Accept: text/event-stream) sends a keep-alive comment, so proxies keep it open.""")
 
     @default("token")
     def _default_token(self):
@@ -207,7 +216,7 @@ class ServeApp(Application):
         from broker.channels import ChannelSettings
 
         self.state = BrokerState(self.sessions, self.auth, self.signer, self.public_url.rstrip("/"),
-                                 self.inline_images, ChannelSettings(parent=self))
+                                 self.inline_images, ChannelSettings(parent=self), self.event_keepalive)
         self.web_app = make_web_app(self.state)
 
     def ssl_context(self):
@@ -389,9 +398,16 @@ class BrokerApp(Application):
         "kernelspec": (KernelspecApp, KernelspecApp.description),
         "check": (CheckApp, CheckApp.description),
         "openapi": (OpenAPIApp, OpenAPIApp.description),
-        "transcript": (TranscriptApp, TranscriptApp.description),
+        # transcript: the local form (TranscriptApp) plus a remote one with --url.
+        "transcript": ("broker.cli.transcript.TranscriptCommand",
+                       "Write a session's transcript (.ipynb), from the data root or with --url from a broker."),
         "replay": (ReplayApp, ReplayApp.description),
         "mcp": ("broker.cli.mcp.McpApp", "Serve the tools over MCP on stdio (relays to a broker, or starts one)."),
+        # Client commands (broker/cli/, on broker.client): named by path so `broker serve` never imports them.
+        "sessions": ("broker.cli.sessions.SessionsApp", "List, create, show and delete sessions on a broker."),
+        "exec": ("broker.cli.run.ExecApp", "Run Python in a session, output as it comes."),
+        "shell": ("broker.cli.run.ShellApp", "Run a shell command in a session, output as it comes."),
+        "files": ("broker.cli.files.FilesApp", "A session's /mnt/data: ls, get, put, rm."),
     }
 
     @property
@@ -410,6 +426,16 @@ class BrokerApp(Application):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sub = BrokerApp.subcommands.get(argv[0]) if argv else None
+    if sub and isinstance(sub[0], str):
+        # A subcommand named by import path starts on its own: BrokerApp would
+        # first import every server class (nbformat's jsonschema alone costs
+        # ~3 s of CPU), which a client command like `broker exec` never needs.
+        app = import_item(sub[0]).instance()
+        app.initialize(argv[1:])
+        app.start()
+        return
     app = BrokerApp.instance()
     app.initialize(argv)
     app.start()

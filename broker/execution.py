@@ -21,6 +21,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jupyter_client.kernelspec import KernelSpec, KernelSpecManager, NoSuchKernel
 from jupyter_client.manager import AsyncKernelManager
@@ -224,6 +225,65 @@ class _Collector:
         self.o.outputs.append(out)
 
 
+class Progress:
+    """Turns a running execution's IOPub messages into progress events for a
+    caller that shows them as they happen (server-sent events, the CLI).
+
+    Each event is a small JSON-ready dict with a ``type``: ``status``
+    (``state``: busy or idle), ``stdout``/``stderr`` (``text``), ``display``
+    (``mimes``, ``text``: the text/plain form; ``kind``: display_data or
+    execute_result), ``image`` (``mime``, ``size`` in bytes, ``data``: the
+    bytes in base64) or ``exception`` (``ename``, ``evalue``).  Streams keep to
+    the same per-execution character cap as the result.  A failing callback
+    is logged and dropped: it never disturbs the execution.
+    """
+
+    def __init__(self, callback: Callable[[dict], None], max_stream: int, max_image: int, log=None):
+        self.callback = callback
+        self.max_stream = max_stream
+        self.max_image = max_image
+        self.log = log
+        self.sent = {"stdout": 0, "stderr": 0}
+
+    def emit(self, event: dict) -> None:
+        if self.callback is None:
+            return
+        try:
+            self.callback(event)
+        except Exception:
+            if self.log:
+                self.log.exception("progress callback failed; no more progress events for this call")
+            self.callback = None
+
+    def message(self, msg: dict) -> None:
+        t, c = msg["msg_type"], msg["content"]
+        if t == "status":
+            self.emit({"type": "status", "state": c.get("execution_state", "")})
+        elif t == "stream":
+            name = "stderr" if c.get("name") == "stderr" else "stdout"
+            room = self.max_stream - self.sent[name]
+            text = c.get("text", "")[:max(room, 0)]
+            if text:
+                self.sent[name] += len(text)
+                self.emit({"type": name, "text": text})
+        elif t == "error":
+            self.emit({"type": "exception", "ename": c.get("ename", ""), "evalue": c.get("evalue", "")})
+        elif t in ("display_data", "update_display_data", "execute_result"):
+            data = c.get("data", {})
+            for mime in IMAGE_MIMES:
+                raw = data.get(mime)
+                if isinstance(raw, str):
+                    if mime == "image/svg+xml":       # the kernel sends SVG as text
+                        raw = base64.b64encode(raw.encode()).decode()
+                    raw = raw.replace("\n", "")
+                    size = len(raw) * 3 // 4 - raw[-2:].count("=")
+                    if size <= self.max_image:
+                        self.emit({"type": "image", "mime": mime, "size": size, "data": raw})
+                        return
+            self.emit({"type": "display", "kind": "execute_result" if t == "execute_result" else "display_data",
+                       "mimes": sorted(data), "text": data.get("text/plain", "")})
+
+
 class Executor(LoggingConfigurable):
     """Runs one request at a time on a SessionKernel."""
 
@@ -235,10 +295,14 @@ class Executor(LoggingConfigurable):
         stop after the interrupt before the kernel is restarted.""")
     death_poll_interval = Float(0.2, min=0.01, config=True, help="How often a running execution checks the kernel process.")
 
-    async def run(self, kernel: SessionKernel, code: str, timeout: float) -> Outcome:
+    async def run(self, kernel: SessionKernel, code: str, timeout: float,
+                  progress: Callable[[dict], None] | None = None) -> Outcome:
+        """*progress*, if given, is called with each output as it arrives
+        (see :class:`Progress`); it must not block."""
         start = time.monotonic()
         kc = kernel.client
         col = _Collector(self)
+        report = Progress(progress, self.max_stream_bytes, self.max_image_bytes, self.log) if progress else None
         msg_id = kc.execute(code, silent=False, store_history=True, allow_stdin=False, stop_on_error=False)
 
         async def iopub():
@@ -246,6 +310,8 @@ class Executor(LoggingConfigurable):
                 msg = await kc.get_iopub_msg()
                 if msg.get("parent_header", {}).get("msg_id") == msg_id:
                     col.handle(msg)
+                    if report:
+                        report.message(msg)
 
         async def shell():
             while True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
 import os
 import re
 import time
@@ -239,10 +240,11 @@ _RESULT_SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 class ToolContext:
     """What a tool call needs: the session, link building, and options."""
 
-    def __init__(self, session, links, inline_images: str = "url"):
+    def __init__(self, session, links, inline_images: str = "url", progress=None):
         self.session = session
         self.links = links
         self.inline_images = inline_images
+        self.progress = progress    # called with progress events while code runs (see call_tool)
 
     @property
     def results(self) -> results.ResultSettings:
@@ -295,7 +297,7 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     kernel = await s.ensure_kernel()
     files = s.files
     before = files.snapshot()
-    outcome = await s.manager.executor.run(kernel, code, timeout)
+    outcome = await s.manager.executor.run(kernel, code, timeout, progress=ctx.progress)
     s.touch()
     after = files.snapshot()
     # Image files the code saved (savefig) or changed.
@@ -409,7 +411,8 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
         before = files.snapshot()
         settings = s.kernel.provisioner
         r = await run_shell(cmd, s.data_dir, settings, timeout=args["timeoutSeconds"],
-                            output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings))
+                            output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings),
+                            progress=ctx.progress)
         s.touch()
         after = files.snapshot()
     images, links, _ = _changed_files(ctx, files, before, after)
@@ -537,11 +540,30 @@ def record(session, name: str, args: dict, result: dict, started: str, ended: st
         t.add_event("downloads", {"path": result["path"], "name": result["name"], "size": result["size"]})
 
 
-async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
+def _guarded(progress):
+    def report(event: dict) -> None:
+        nonlocal progress
+        if progress is None:
+            return
+        try:
+            progress(event)
+        except Exception:
+            logging.getLogger("broker").exception("progress callback failed; no more progress for this call")
+            progress = None
+    return report
+
+
+async def call_tool(ctx: ToolContext, name: str, raw_args, progress=None) -> dict:
+    """Validate and run one tool call.  *progress*, if given, is called with
+    an event dict as output happens (Python: :class:`broker.execution.Progress`;
+    shell: :func:`broker.sandbox.shell.run_shell`); it must not block, and
+    one that raises is dropped without disturbing the call."""
     from broker.transcripts import now_iso
 
     tool = get_tool(name)
     args = tool.validate(raw_args)
+    if progress is not None:
+        ctx.progress = _guarded(progress)
     ctx.session.touch()
     started = now_iso()
     result = await HANDLERS[name](ctx, args)

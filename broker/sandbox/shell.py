@@ -10,10 +10,12 @@ the whole process tree is killed.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import os
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 from broker.sandbox import bwrap as bw
 from broker.sandbox import cgroups, prereq
@@ -45,14 +47,19 @@ class ShellResult:
     signal: int | None = None
 
 
-async def _read_capped(stream: asyncio.StreamReader, budget: list[int], sink: bytearray, over: asyncio.Event):
+async def _read_capped(stream: asyncio.StreamReader, budget: list[int], sink: bytearray, over: asyncio.Event,
+                       report: Callable[[bytes], None] | None = None):
     while True:
         chunk = await stream.read(65536)
         if not chunk:
+            if report:
+                report(b"")
             return
         room = budget[0]
         if room > 0:
             sink += chunk[:room]
+            if report:
+                report(chunk[:room])
         budget[0] = room - len(chunk)
         if budget[0] < 0:
             over.set()
@@ -60,8 +67,14 @@ async def _read_capped(stream: asyncio.StreamReader, budget: list[int], sink: by
 
 async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, timeout: float,
                     output_limit: int = 1 << 20, ident: Identity | None = None,
-                    cgroup: "cgroups.Cgroup | None" = None) -> ShellResult:
+                    cgroup: "cgroups.Cgroup | None" = None,
+                    progress: Callable[[dict], None] | None = None) -> ShellResult:
     """Run *command* with ``bash -c`` in a fresh sandbox over *data_dir*.
+
+    *progress*, if given, is called with ``{"type": "status", "state":
+    "running"}`` once the command started, then ``{"type": "stdout"|"stderr",
+    "text": ...}`` for each chunk of output as it is read (within the output
+    cap); it must not block.
 
     *cgroup*: a group to run in and leave (emptied) for the next command; by
     default a fresh one is made and removed.  Reusing one matters: on cgroup
@@ -106,8 +119,10 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
     out, err = bytearray(), bytearray()
     budget = [output_limit]
     over = asyncio.Event()
-    readers = asyncio.gather(_read_capped(proc.stdout, budget, out, over),
-                             _read_capped(proc.stderr, budget, err, over))
+    if progress:
+        progress({"type": "status", "state": "running"})
+    readers = asyncio.gather(_read_capped(proc.stdout, budget, out, over, _reporter(progress, "stdout")),
+                             _read_capped(proc.stderr, budget, err, over, _reporter(progress, "stderr")))
     waiter = asyncio.ensure_future(proc.wait())
     over_task = asyncio.ensure_future(over.wait())
     timed_out = False
@@ -134,6 +149,20 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
     return ShellResult(exit_code=code if sig is None else None, stdout=out.decode("utf-8", "replace"),
                        stderr=err.decode("utf-8", "replace"), timed_out=timed_out, truncated=over.is_set(),
                        duration_ms=int((time.monotonic() - start) * 1000), signal=sig)
+
+
+def _reporter(progress: Callable[[dict], None] | None, name: str) -> Callable[[bytes], None] | None:
+    """Chunks of one stream as text events; a UTF-8 sequence split across two
+    reads is held back until it is whole (b"" flushes the rest)."""
+    if progress is None:
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def report(chunk: bytes) -> None:
+        text = decoder.decode(chunk, final=not chunk)
+        if text:
+            progress({"type": name, "text": text})
+    return report
 
 
 def _kill(pid: int, cgroup) -> None:

@@ -38,6 +38,18 @@ class Auth:
         return found
 
 
+def error_body(e: BrokerError) -> dict:
+    """The JSON an error leaves as: message and reason, plus field and allowed
+    for a bad argument."""
+    body = {"message": e.message, "reason": e.reason}
+    if isinstance(e, InvalidArgument):
+        if e.field:
+            body["field"] = e.field
+        if e.allowed:
+            body["allowed"] = e.allowed
+    return body
+
+
 class BaseHandler(web.RequestHandler):
     # Handlers that accept a signed link instead of a token set this.
     allow_signed = False
@@ -88,12 +100,7 @@ class BaseHandler(web.RequestHandler):
         if isinstance(e, BrokerError):
             if self._finished:
                 return
-            body = {"message": e.message, "reason": e.reason}
-            if isinstance(e, InvalidArgument):
-                if e.field:
-                    body["field"] = e.field
-                if e.allowed:
-                    body["allowed"] = e.allowed
+            body = error_body(e)
             if e.status >= 500:
                 self.log_exception(type(e), e, e.__traceback__)
             self.clear()

@@ -25,6 +25,15 @@ def _errors(*codes):
     return {str(c): _resp(text[c], ERROR) for c in codes}
 
 
+def _tool_ok() -> dict:
+    r = _resp("Tool result. With Accept: text/event-stream: server-sent events as output happens, the result "
+              "last (docs/streaming.md)", {"$ref": "#/components/schemas/ToolResult"})
+    r["content"]["text/event-stream"] = {"schema": {
+        "type": "string", "description": "events status, stdout, stderr, display, image, exception, then result "
+                                         "(the ToolResult) or error; data lines are JSON"}}
+    return r
+
+
 def document() -> dict:
     sid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}, "description": "Session id"}
     fpath = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
@@ -130,8 +139,7 @@ def document() -> dict:
                                      "description": "Return images as signed URLs (default) or data: URIs"}],
                      "requestBody": {"required": True, "content": {"application/json": {
                          "schema": {"$ref": f"#/components/schemas/{name}"}}}},
-                     "responses": {"200": _resp("Tool result", {"$ref": "#/components/schemas/ToolResult"}),
-                                   **_errors(400, 401, 404, 409, 503)}}}
+                     "responses": {"200": _tool_ok(), **_errors(400, 401, 404, 409, 503)}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "broker", "version": __version__,

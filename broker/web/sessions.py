@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from broker.web.base import BaseHandler
+from broker.web.events import stream_tool_call, wants_events
 
 
 class SessionsHandler(BaseHandler):
@@ -37,6 +38,10 @@ class ToolHandler(BaseHandler):
             from broker.errors import InvalidArgument
 
             raise InvalidArgument("query parameter 'images' must be 'url' or 'data'", "images", "url, data")
+        if wants_events(self.request.headers.get("Accept")):
+            await stream_tool_call(self, ToolContext(s, self.links, mode), name, self.json_body(),
+                                   getattr(self.state, "event_keepalive", 15.0))
+            return
         result = await call_tool(ToolContext(s, self.links, mode), name, self.json_body())
         self.write_json(result)
 
