@@ -118,14 +118,17 @@ class Session:
         call, restarted).  A new kernel replacing one that had run code
         leaves a notice for the next code call (:meth:`kernel_for_code`)."""
         async with self._start_lock:
-            if self.kernel is None:
+            restored = self.kernel is None
+            if restored:
                 self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id, env=self.env,
                                             log_path=os.path.join(self.dir, "kernel.log"),
                                             on_restart=self._kernel_replaced)
             if not self.kernel.km.has_kernel:
-                # Only a restored session has a state without a kernel: the
-                # one that ran its code belonged to an earlier broker.
-                self._owe_notice("the broker restarted since the last call")
+                # A state without a kernel object: the kernel that ran the
+                # code belonged to an earlier broker (a session read back by
+                # restore()).  With one: a restart inside a call failed.
+                self._owe_notice("the broker restarted since the last call" if restored else
+                                 "the previous kernel stopped and could not be restarted at once")
                 await self.kernel.start()
                 self._kernel_replaced()
             elif not await self.kernel.is_alive():
