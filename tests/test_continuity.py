@@ -15,8 +15,12 @@ import os
 import time
 
 import psutil
+import pytest
+
+from broker.sandbox import cgroups
 
 from tests.broker_server import BrokerProcess
+from tests.gateway_helpers import KernelWS
 
 NEW_KERNEL = "This code ran in a new kernel"
 
@@ -26,10 +30,9 @@ def meta(broker, sid: str) -> dict:
         return json.load(fh)
 
 
-def kill_kernel(broker, sid: str) -> None:
-    """SIGKILL the session's kernel from outside, as the OOM killer would:
-    the broker's sandbox child whose arguments name the session, and
-    everything below it."""
+def kernel_processes(broker, sid: str) -> list[psutil.Process]:
+    """The session's kernel: below the broker's sandbox child whose
+    arguments name the session."""
     procs = []
     for child in psutil.Process(broker.proc.pid).children():
         try:
@@ -37,7 +40,12 @@ def kill_kernel(broker, sid: str) -> None:
                 procs += child.children(recursive=True)
         except psutil.NoSuchProcess:
             continue
-    kernels = [p for p in procs if "kernel_profile" in " ".join(p.cmdline())]
+    return [p for p in procs if "kernel_profile" in " ".join(p.cmdline())]
+
+
+def kill_kernel(broker, sid: str) -> None:
+    """SIGKILL the session's kernel from outside, as the OOM killer would."""
+    kernels = kernel_processes(broker, sid)
     assert kernels, f"no kernel process found for session {sid}"
     for p in kernels:
         p.kill()
@@ -117,6 +125,47 @@ def test_kernel_killed_between_calls_then_shell_first(broker, session):
     r = broker.shell(session, "echo shell")
     assert r["stdout"] == "shell\n" and r["notice"] == "", r
     r = broker.run(session, "print(z)")
+    assert r["error"]["ename"] == "NameError" and NEW_KERNEL in r["notice"], r
+
+
+def test_kernel_killed_between_calls_and_its_groups_swept(broker, session):
+    """A group left empty for a minute is removed by the sweep any broker or
+    kernelspec start on the machine runs (cgroups.sweep_empty).  The dead
+    kernel's group and the session's shell group are made again when next
+    joined: the session keeps working, within its limits."""
+    if cgroups.detect() is None:
+        pytest.skip("no writable cgroup on this machine")
+    assert broker.run(session, "u = 6")["status"] == "success"
+    assert broker.shell(session, "echo made the shell group")["status"] == "success"
+    kill_kernel(broker, session)
+    # What the sweep does to these two groups (only these: other sessions'
+    # groups on this machine are not ours to remove).
+    cgroups.remove_named(f"k-{session}")
+    cgroups.remove_named(f"sh-{session}")
+    r = broker.shell(session, "echo shell")
+    assert r["status"] == "success" and r["stdout"].startswith("shell\n"), r
+    r = broker.run(session, "print(u)")
+    assert r["error"]["ename"] == "NameError" and NEW_KERNEL in r["notice"], r
+    [kernel] = kernel_processes(broker, session)
+    with open(f"/proc/{kernel.pid}/cgroup") as fh:
+        assert f"k-{session}" in fh.read()
+
+
+def test_code_run_over_the_websocket_counts_as_state(broker, session):
+    """A notebook client's cells hold variables too: after the kernel that ran
+    them dies, the next tool call says so."""
+    assert meta(broker, session)["kernel_state"] is False
+    token = broker.owners["alice"]
+    c = KernelWS(f"ws://127.0.0.1:{broker.port}/api/kernels/{session}/channels", token)
+    try:
+        c.wait_ready()
+        ex = c.run("from_notebook = 1")
+        assert ex.reply["content"]["status"] == "ok"
+    finally:
+        c.close()
+    assert meta(broker, session)["kernel_state"] is True
+    kill_kernel(broker, session)
+    r = broker.run(session, "print(from_notebook)")
     assert r["error"]["ename"] == "NameError" and NEW_KERNEL in r["notice"], r
 
 

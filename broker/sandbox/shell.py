@@ -158,6 +158,8 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
     if version:
         cgroup = cgroups.Cgroup.create(f"sh-{uuid.uuid4().hex[:12]}", settings.memory_limit,
                                        settings.pids_limit, settings.cpu_limit, version)
+    elif cgroup is not None:
+        cgroup.ensure()         # the session's group sat empty since its last command
     programs, links = _toolbox(kernel_python())
     spec = bw.SandboxSpec(
         command=["/bin/bash", "--noprofile", "--norc", "-c", command],
