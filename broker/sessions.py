@@ -106,7 +106,7 @@ class Session:
 
     def save(self) -> None:
         meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity,
-                "env": self.env, "kernel_state": self.kernel_state}
+                "env": self.env, "kernel_state": self.kernel_state, "kernel_notice": self._kernel_notice}
         tmp = os.path.join(self.dir, f".meta.{secrets.token_hex(4)}.json")
         with open(tmp, "w") as fh:
             json.dump(meta, fh)
@@ -143,6 +143,8 @@ class Session:
         Marks the kernel as holding state."""
         kernel = await self.ensure_kernel()
         notice, self._kernel_notice = self._kernel_notice, ""
+        if notice and self.kernel_state:
+            self._save_quietly()
         self.mark_kernel_state()
         return kernel, notice
 
@@ -153,9 +155,11 @@ class Session:
             self._save_quietly()
 
     def _owe_notice(self, why: str) -> None:
+        """Kept in meta.json too: a notice still owed survives a broker restart."""
         if self.kernel_state and not self._kernel_notice:
             self._kernel_notice = (f"This code ran in a new kernel: {why}, so variables, imports and functions "
                                    "defined before are gone; files in /mnt/data are kept.")
+            self._save_quietly()
 
     def _kernel_replaced(self) -> None:
         """A new kernel (a start or any restart) holds no state yet.  A
@@ -335,6 +339,7 @@ class SessionManager(LoggingConfigurable):
                     continue
                 s.env = dict(meta.get("env") or {})
                 s.kernel_state = bool(meta.get("kernel_state"))
+                s._kernel_notice = str(meta.get("kernel_notice") or "")
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warning("skipping session folder %s: %s", sid, exc)
                 continue

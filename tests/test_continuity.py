@@ -70,6 +70,12 @@ def test_broker_killed_and_started_again_gives_notice(tmp_path):
         assert b.shell(shell_only, "echo data > f.txt")["status"] == "success"
         assert meta(b, used)["kernel_state"] is True
         assert meta(b, shell_only)["kernel_state"] is False
+        # A notice still owed (a restart through the Jupyter API, no code
+        # call since) survives the broker's death.
+        restarted = b.create_session()
+        assert b.run(restarted, "gone = 1")["status"] == "success"
+        assert b.post(f"/api/kernels/{restarted}/restart").status_code == 200
+        assert "/api/kernels/" in meta(b, restarted)["kernel_notice"]
 
         b.proc.kill()                   # SIGKILL: no shutdown, no chance to write anything
         b.proc.wait(30)
@@ -89,6 +95,10 @@ def test_broker_killed_and_started_again_gives_notice(tmp_path):
         # Said once: the next call runs in the same (new) kernel.
         r = b.run(used, "print('again')")
         assert r["status"] == "success" and r["notice"] == "", r
+
+        r = b.run(restarted, "print(gone)")
+        assert r["error"]["ename"] == "NameError" and "/api/kernels/" in r["notice"], r
+        assert meta(b, restarted)["kernel_notice"] == ""
 
         # A session whose kernel never ran code lost nothing.
         r = b.run(shell_only, "print(open('/mnt/data/f.txt').read())")
