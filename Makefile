@@ -5,6 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 SYSPKGS := bubblewrap libseccomp2 util-linux e2fsprogs
+# The RunShellCommand toolbox (docs/shell.md): command:Debian package.
+SHELL_TOOLS := awk:mawk which:debianutils file:file jq:jq sqlite3:sqlite3 zip:zip unzip:unzip \
+	tar:tar gzip:gzip bzip2:bzip2 xz:xz-utils diff:diffutils iconv:libc-bin bc:bc \
+	sed:sed grep:grep find:findutils xargs:findutils sort:coreutils
 PYTEST_ARGS ?=
 
 .PHONY: run test install system-deps kernelspec bench bench-quick clean
@@ -18,10 +22,15 @@ test: install
 install: system-deps $(STAMP)
 
 # The sandbox needs bubblewrap (Debian package `bubblewrap`), libseccomp and,
-# as root, util-linux and e2fsprogs.  As root we install them; otherwise we say
-# exactly what to run.
+# as root, util-linux and e2fsprogs; the shell sandbox's toolbox needs the
+# SHELL_TOOLS packages.  As root we install them; otherwise we say exactly what
+# to run.
 system-deps:
 	@missing=""; \
+	for pair in $(SHELL_TOOLS); do \
+	  cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || case " $$missing " in *" $$pkg "*) ;; *) missing="$$missing $$pkg";; esac; \
+	done; \
 	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
 	ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] || missing="$$missing libseccomp2"; \
 	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \

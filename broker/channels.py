@@ -312,6 +312,7 @@ class ChannelConnection:
             return
         if header["msg_type"] == "execute_request" and channel == "shell":
             self.hub.track(header, json.loads(parts[3]), links)
+            self.hub.session.mark_kernel_state()
         self.jsession.send_raw(self.streams[channel], [bytes(p) for p in parts])
 
     # -- lifetime -------------------------------------------------------------------

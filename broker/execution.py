@@ -67,13 +67,14 @@ class SessionKernel:
     """One session's kernel: manager, client and the facts about its deaths."""
 
     def __init__(self, parent, data_dir: str, rt_dir: str, kernel_id: str, env: dict | None = None,
-                 log_path: str | None = None):
+                 log_path: str | None = None, on_restart: Callable[[], None] | None = None):
         self.km = AsyncKernelManager(kernel_name=SANDBOX_KERNEL, kernel_spec_manager=BrokerKernelSpecManager(),
                                      parent=parent, kernel_id=kernel_id)
         self.opts = {"data_dir": data_dir, "rt_dir": rt_dir, "env": dict(env or {}), "managed": True}
         self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "kernel.log")
         self.client = None
         self.restarts = 0
+        self.on_restart = on_restart        # called after every restart (the new kernel holds no state)
 
     async def start(self) -> None:
         # The kernel's own stdout/stderr (start-up notes, crashes) go to a log
@@ -95,6 +96,8 @@ class SessionKernel:
             self.client.stop_channels()
             self.client = None
         await self.km.restart_kernel(now=True)
+        if self.on_restart is not None:
+            self.on_restart()
         await self._connect()
 
     async def shutdown(self) -> None:

@@ -10,7 +10,11 @@ On disk, under the data root::
     <runtime_dir>/<id>/               the kernel's ZeroMQ ipc sockets (short path)
 
 A broker restart loses no files: sessions are read back from the data root
-and their kernels start again on first use.  Sessions idle for longer than
+and their kernels start again on first use.  ``meta.json`` also records
+whether the session's kernel has run code (``kernel_state``), so that the first
+code call in a new kernel (after a broker restart, a kernel that died between
+calls, a restart through the Jupyter API) says in its ``notice`` that the
+variables are gone and the files kept.  Sessions idle for longer than
 the cooldown are deleted, files and all.
 """
 
@@ -67,6 +71,11 @@ class Session:
         self.hub = None                      # IOPubHub, made on the first WebSocket client
         self._transcript = None
         self._shell_cgroup = None           # reused by every shell command of the session
+        # Continuity: has the current kernel run code (a pool's preload does
+        # not count)?  And the notice owed to the next code call when the
+        # kernel was replaced outside a call.
+        self.kernel_state = False
+        self._kernel_notice = ""
 
     # -- state ----------------------------------------------------------------
     @property
@@ -97,7 +106,7 @@ class Session:
 
     def save(self) -> None:
         meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity,
-                "env": self.env}
+                "env": self.env, "kernel_state": self.kernel_state, "kernel_notice": self._kernel_notice}
         tmp = os.path.join(self.dir, f".meta.{secrets.token_hex(4)}.json")
         with open(tmp, "w") as fh:
             json.dump(meta, fh)
@@ -105,15 +114,67 @@ class Session:
 
     # -- kernel -----------------------------------------------------------------
     async def ensure_kernel(self) -> SessionKernel:
+        """The session's kernel, started (or, when it died since the last
+        call, restarted).  A new kernel replacing one that had run code
+        leaves a notice for the next code call (:meth:`kernel_for_code`)."""
         async with self._start_lock:
-            if self.kernel is None:
+            restored = self.kernel is None
+            if restored:
                 self.kernel = SessionKernel(self.manager, self.data_dir, self.rt_dir, self.id, env=self.env,
-                                            log_path=os.path.join(self.dir, "kernel.log"))
+                                            log_path=os.path.join(self.dir, "kernel.log"),
+                                            on_restart=self._kernel_replaced)
             if not self.kernel.km.has_kernel:
+                # A state without a kernel object: the kernel that ran the
+                # code belonged to an earlier broker (a session read back by
+                # restore()).  With one: a restart inside a call failed.
+                self._owe_notice("the broker restarted since the last call" if restored else
+                                 "the previous kernel stopped and could not be restarted at once")
                 await self.kernel.start()
+                self._kernel_replaced()
             elif not await self.kernel.is_alive():
+                self._owe_notice(f"the previous kernel stopped between calls ({self.kernel.death_reason()})")
                 await self.kernel.restart()
             return self.kernel
+
+    async def kernel_for_code(self) -> tuple[SessionKernel, str]:
+        """The kernel for a call that runs code (ExecutePythonCode,
+        GeneratePdfReport), and the notice owed to it: non-empty when the
+        kernel is new since code last ran, for a reason the call did not see.
+        Marks the kernel as holding state."""
+        kernel = await self.ensure_kernel()
+        notice, self._kernel_notice = self._kernel_notice, ""
+        if notice and self.kernel_state:
+            self._save_quietly()
+        self.mark_kernel_state()
+        return kernel, notice
+
+    def mark_kernel_state(self) -> None:
+        """The kernel runs code: from now on it holds state worth a notice when lost."""
+        if not self.kernel_state:
+            self.kernel_state = True
+            self._save_quietly()
+
+    def _owe_notice(self, why: str) -> None:
+        """Kept in meta.json too: a notice still owed survives a broker restart."""
+        if self.kernel_state and not self._kernel_notice:
+            self._kernel_notice = (f"This code ran in a new kernel: {why}, so variables, imports and functions "
+                                   "defined before are gone; files in /mnt/data are kept.")
+            self._save_quietly()
+
+    def _kernel_replaced(self) -> None:
+        """A new kernel (a start or any restart) holds no state yet.  A
+        restart inside a call (timeout, crash) is reported by that call."""
+        if self.kernel_state:
+            self.kernel_state = False
+            self._save_quietly()
+
+    def _save_quietly(self) -> None:
+        if self.deleted or not self.owner:
+            return      # a pooled session's meta.json is written when it is handed out
+        try:
+            self.save()
+        except OSError as exc:
+            self.manager.log.warning("session %s: could not write meta.json: %s", self.id, exc)
 
     @property
     def transcript(self):
@@ -154,7 +215,9 @@ class Session:
         return self.hub.execution_state if self.hub and self.hub.execution_state != "starting" else "idle"
 
     async def restart_kernel(self) -> None:
+        """A restart asked for through the Jupyter API: the next code call is told."""
         kernel = await self.ensure_kernel()
+        self._owe_notice(f"the kernel was restarted through the Jupyter API (/api/kernels/{self.id}/restart)")
         await kernel.restart()
 
     async def interrupt_kernel(self) -> None:
@@ -275,6 +338,8 @@ class SessionManager(LoggingConfigurable):
                     self._remove_dir(s)
                     continue
                 s.env = dict(meta.get("env") or {})
+                s.kernel_state = bool(meta.get("kernel_state"))
+                s._kernel_notice = str(meta.get("kernel_notice") or "")
             except (OSError, ValueError, KeyError) as exc:
                 self.log.warning("skipping session folder %s: %s", sid, exc)
                 continue

@@ -294,7 +294,7 @@ def _changed_files(ctx: ToolContext, files, before: dict, after: dict) -> tuple[
 
 async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     s = ctx.session
-    kernel = await s.ensure_kernel()
+    kernel, new_kernel = await s.kernel_for_code()   # new_kernel: the notice owed when the kernel is new
     files = s.files
     before = files.snapshot()
     outcome = await s.manager.executor.run(kernel, code, timeout, progress=ctx.progress)
@@ -335,7 +335,8 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     return {
         "status": outcome.status, "stdout": outcome.stdout, "stderr": outcome.stderr, "result": outcome.result,
         "error": outcome.error, "images": images, "files": links, "execution_count": outcome.execution_count,
-        "duration_ms": outcome.duration_ms, "notice": outcome.notice.strip(), "truncated": outcome.truncated,
+        "duration_ms": outcome.duration_ms, "notice": " ".join(filter(None, (new_kernel, outcome.notice.strip()))),
+        "truncated": outcome.truncated,
         "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs, "_shown": shown,
     }
 

@@ -47,6 +47,8 @@ class SandboxSpec:
     tmp_size: int = 256 << 20
     shm_size: int = 64 << 20
     seccomp_fd: int | None = None                         # bwrap --seccomp (shell sandboxes)
+    programs: dict[str, bytes] = field(default_factory=dict)  # read-only executables (absolute path -> bytes)
+    symlinks: dict[str, str] = field(default_factory=dict)    # absolute path -> link target
     hostname: str = "sandbox"
     cap_drop: bool = True
     views: dict[str, str] = field(default_factory=dict)   # sandbox path -> host folder, read-only
@@ -128,6 +130,12 @@ def build(spec: SandboxSpec, bwrap: str, sources: dict[str, str] | None = None) 
         fd = _memfd(name, data)
         fds.append(fd)
         a += ["--perms", "0444", "--ro-bind-data", str(fd), f"/run/sandbox/{name}"]
+    for path, data in spec.programs.items():
+        fd = _memfd(os.path.basename(path), data)
+        fds.append(fd)
+        a += ["--perms", "0555", "--ro-bind-data", str(fd), path]
+    for path, target in spec.symlinks.items():
+        a += ["--symlink", target, path]
     if spec.seccomp_fd is not None:
         fds.append(spec.seccomp_fd)
         a += ["--seccomp", str(spec.seccomp_fd)]

@@ -98,10 +98,26 @@ def _rebalance_cpu(parent: str, version: str) -> None:
 class Cgroup:
     """One sandbox's group(s).  ``procs_files`` are what the launcher joins."""
 
-    def __init__(self, name: str, version: str, dirs: list[str]):
+    def __init__(self, name: str, version: str, dirs: list[str], limits: tuple | None = None):
         self.name = name
         self.version = version
         self.dirs = dirs
+        self.limits = limits            # (memory, pids, cpu): what ensure() makes the group again with
+
+    def ensure(self) -> "Cgroup":
+        """Call before a process joins a group that may have sat empty (a
+        kernel restart, a session's next shell command): make it again if a
+        sweep removed it meanwhile (sweep_empty runs at every broker start and
+        kernelspec kernel start on the machine, and takes any group empty for
+        over a minute), and mark it as just used so the next sweep leaves it."""
+        if self.limits is not None and not all(os.path.isdir(d) for d in self.dirs):
+            self.dirs = Cgroup.create(self.name, *self.limits, self.version).dirs
+        for d in self.dirs:
+            try:
+                os.utime(d)
+            except OSError:
+                pass
+        return self
 
     @property
     def procs_files(self) -> list[str]:
@@ -128,7 +144,7 @@ class Cgroup:
             _write(os.path.join(path, "pids.max"), str(pids))
             _write(os.path.join(path, "cpu.max"), f"{quota} {period}")
             _rebalance_cpu(parent, version)
-            return cls(name, version, [path])
+            return cls(name, version, [path], (memory, pids, cpu))
         dirs = []
         for ctl in _V1_CONTROLLERS:
             base = os.path.join(CGROOT, ctl)
@@ -148,7 +164,7 @@ class Cgroup:
                 _write(os.path.join(path, "cpu.cfs_period_us"), str(period))
                 _write(os.path.join(path, "cpu.cfs_quota_us"), str(quota))
                 _rebalance_cpu(os.path.dirname(path), version)
-        return cls(name, version, dirs)
+        return cls(name, version, dirs, (memory, pids, cpu))
 
     def pids(self) -> set[int]:
         found: set[int] = set()

@@ -554,7 +554,7 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         ident = self._identity
         launch = bw.launch(self._spec, bwrap=self._bwrap, uid=ident.uid, gid=ident.gid,
                            as_root=prereq.is_root(), rlimits=self.rlimits(own_uid=prereq.is_root()),
-                           procs_files=self._cgroup.procs_files if self._cgroup else [],
+                           procs_files=self._cgroup.ensure().procs_files if self._cgroup else [],
                            stage_dir=os.path.join(self.state_dir, "stage"), tools=self._tools)
         try:
             self.process = subprocess.Popen(

@@ -5,26 +5,40 @@ fork allowed; no network, no namespaces, none of the kernel attack surface),
 the same ``/mnt/data`` as the session's kernel, cwd ``/mnt/data``, its own
 cgroup, rlimits, a byte cap on output and a wall-clock deadline after which
 the whole process tree is killed.
+
+The toolbox is the host's ``/usr`` (read-only) plus what Debian reaches
+through ``/etc/alternatives`` (``awk``, ``which``), and ``python``/``python3``
+in ``/run/sandbox/bin``: small scripts that run the kernel's own interpreter,
+so a script behaves as it does in ``ExecutePythonCode``.  The kernel's
+virtualenv ``bin`` folder is not on ``PATH`` (its console scripts are not
+tools for the sandbox), and ``pip`` lists what is installed but refuses to
+install.  See ``docs/shell.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import functools
 import os
+import shlex
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
 
+from broker.kernelspec import kernel_json
 from broker.sandbox import bwrap as bw
 from broker.sandbox import cgroups, prereq
 from broker.sandbox.identity import Identity, current_identity
 from broker.sandbox.provisioner import python_paths
 from broker.sandbox.settings import SandboxSettings
 
+SANDBOX_BIN = "/run/sandbox/bin"
+
 SHELL_ENV = {
-    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "PATH": f"{SANDBOX_BIN}:/usr/local/bin:/usr/bin:/bin",
     "HOME": "/mnt/data",
     "USER": "sandbox",
     "LANG": "C.UTF-8",
@@ -33,7 +47,67 @@ SHELL_ENV = {
     "TERM": "dumb",
     "MPLBACKEND": "Agg",
     "MPLCONFIGDIR": "/tmp/.config/matplotlib",
+    "XDG_CACHE_HOME": "/tmp/.cache",
+    # As in the kernel (python -I): no user site-packages, no __pycache__
+    # folders appearing in /mnt/data next to a script's modules.
+    "PYTHONNOUSERSITE": "1",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    # pip in the sandbox only lists and shows; never look for an index.
+    "PIP_NO_INDEX": "1",
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
 }
+
+# Host paths a shell needs besides /usr, bound read-only where they exist:
+# Debian's alternatives (awk, which, pager ... point there; every target is
+# under /usr, already visible) and file(1)'s local magic.
+SHELL_RO_PATHS = ("/etc/alternatives", "/etc/magic", "/etc/magic.mime")
+
+INSTALL_REFUSAL = ("PackageInstallationUnavailable: package installation is unavailable: the sandbox has no "
+                   "network and cannot install packages. The kernel's libraries are preinstalled; "
+                   "`pip list` shows them.")
+
+_PYTHON = """#!/bin/sh
+# python in the shell sandbox: the kernel's interpreter and libraries.
+case "$1" in
+  -m) case "$2" in pip|pip3) shift 2; exec {bin}/pip "$@";; ensurepip) echo {msg} >&2; exit 1;; esac;;
+  -mpip|-mpip3) shift; exec {bin}/pip "$@";;
+esac
+exec {python} "$@"
+"""
+
+_PIP = """#!/bin/sh
+# pip in the shell sandbox: lists and shows what is installed; never installs.
+for arg in "$@"; do
+  case "$arg" in
+    -*) ;;
+    install|download|wheel|uninstall) echo {msg} >&2; exit 1;;
+    *) break;;
+  esac
+done
+exec {python} -m pip "$@"
+"""
+
+
+def kernel_python() -> str:
+    """The kernel's interpreter: the python3-sandbox kernelspec's argv[0]."""
+    return kernel_json()["argv"][0]
+
+
+@functools.lru_cache(maxsize=4)
+def _toolbox(python: str) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The programs and links of /run/sandbox/bin for *python*."""
+    fmt = {"bin": SANDBOX_BIN, "python": shlex.quote(python), "msg": shlex.quote(INSTALL_REFUSAL)}
+    programs = {f"{SANDBOX_BIN}/python3": _PYTHON.format(**fmt).encode(),
+                f"{SANDBOX_BIN}/pip": _PIP.format(**fmt).encode()}
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    links = {f"{SANDBOX_BIN}/python": "python3", f"{SANDBOX_BIN}/{version}": "python3",
+             f"{SANDBOX_BIN}/pip3": "pip"}
+    return programs, links
+
+
+def shell_ro_paths() -> list[str]:
+    """Everything a shell sandbox binds read-only besides /usr and the /etc basics."""
+    return python_paths() + [p for p in SHELL_RO_PATHS if os.path.exists(p)]
 
 
 @dataclass
@@ -97,11 +171,16 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
     if version:
         cgroup = cgroups.Cgroup.create(f"sh-{uuid.uuid4().hex[:12]}", settings.memory_limit,
                                        settings.pids_limit, settings.cpu_limit, version)
+    elif cgroup is not None:
+        cgroup.ensure()         # the session's group sat empty since its last command
+    programs, links = _toolbox(kernel_python())
     spec = bw.SandboxSpec(
         command=["/bin/bash", "--noprofile", "--norc", "-c", command],
         data_dir=data_dir,
         env=dict(SHELL_ENV),
-        ro_paths=python_paths(),
+        ro_paths=shell_ro_paths(),
+        programs=programs,
+        symlinks=links,
         tmp_size=settings.tmp_size,
         shm_size=settings.shm_size,
         seccomp_fd=broker_seccomp.profile_fd("shell"),
