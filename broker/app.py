@@ -248,6 +248,7 @@ def make_web_app(state):
 
 
 def serve_classes():
+    from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
     from broker.sandbox.provisioner import SandboxProvisioner
@@ -255,8 +256,8 @@ def serve_classes():
 
     from broker.transcripts import TranscriptSettings
 
-    return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, SandboxSettings,
-            SandboxProvisioner]
+    return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, ChangeTracking,
+            SandboxSettings, SandboxProvisioner]
 
 
 class TranscriptApp(Application):
