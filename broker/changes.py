@@ -289,7 +289,7 @@ class ChangeTracker:
         if rec.lost:
             rec.method = "walk"
             if self.owner.method == "inotify" and not self._degraded and not self.owner._unavailable:
-                self.log.info("changes in %s found by a walk: %s", self.root, rec.lost)
+                self.log.warning("changes in %s found by a walk: %s", self.root, rec.lost)
             return self._walk_changes(rec.started_ns)
         return self._stat(sorted(rec.paths))
 

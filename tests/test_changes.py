@@ -270,7 +270,9 @@ def test_an_overflowing_inotify_queue_still_reports_every_change(tmp_path):
     b.start()
     try:
         sid = b.create_session()
-        ok(b.run(sid, "import os; os.makedirs('/mnt/data/pre/sub'); open('/mnt/data/pre/sub/a.txt', 'w').write('a')"))
+        # The folder exists (and is watched) before the flood: its events fill the queue.
+        ok(b.run(sid, "import os; os.makedirs('/mnt/data/pre/sub'); open('/mnt/data/pre/sub/a.txt', 'w').write('a')\n"
+                      "os.makedirs('/mnt/data/flood')"))
         marker = os.path.join(b.data_dir(sid), "started")
         code = ("import os, time\nopen('/mnt/data/started', 'w').close()\ntime.sleep(1.5)\n"
                 + MANY.format(folder="flood", n=n) + "\nos.remove('/mnt/data/started')\n"
