@@ -160,23 +160,28 @@ class ChangeTracking(LoggingConfigurable):
 
     # -- the shared inotify instance ---------------------------------------------------
     def _ensure_fd(self) -> int | None:
-        if self._fd is not None or self._unavailable or self.method != "inotify":
-            return self._fd
-        fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            # EMFILE: fs.inotify.max_user_instances reached (one is enough for the broker).
-            self._unavailable = os.strerror(err)
-            self.log.warning("inotify is unavailable (%s): each call finds its changes with one walk of "
-                             "/mnt/data", self._unavailable)
-            return None
-        self._fd = fd
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._loop.add_reader(fd, self.drain)
-        except RuntimeError:   # no running loop (a synchronous caller): drained at begin and end only
-            self._loop = None
-        return fd
+        if self._fd is None and not self._unavailable and self.method == "inotify":
+            fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+            if fd < 0:
+                # EMFILE: fs.inotify.max_user_instances reached (the broker needs one).
+                self._unavailable = os.strerror(ctypes.get_errno())
+                self.log.warning("inotify is unavailable (%s): each call finds its changes with one walk of "
+                                 "/mnt/data", self._unavailable)
+                return None
+            self._fd = fd
+        if self._fd is not None:
+            # Read as the events come, on the loop the calls run on (an
+            # in-process user may run several loops one after the other).
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:     # a synchronous caller: drained at begin and end only
+                loop = None
+            if loop is not None and loop is not self._loop:
+                if self._loop is not None and not self._loop.is_closed():
+                    self._loop.remove_reader(self._fd)
+                loop.add_reader(self._fd, self.drain)
+                self._loop = loop
+        return self._fd
 
     def close(self) -> None:
         for t in list(self._trackers):
