@@ -98,6 +98,7 @@ class Recording:
     tracker: "ChangeTracker"
     started_ns: int
     paths: dict = field(default_factory=dict)   # relative path -> None (an ordered set)
+    moved_dirs: set = field(default_factory=set)  # folders moved into place (for the walk: see _walk_changes)
     lost: str = ""                              # why the events cannot be trusted (then: walk)
     method: str = "inotify"
 
@@ -295,7 +296,7 @@ class ChangeTracker:
             rec.method = "walk"
             if self.owner.method == "inotify" and not self._degraded and not self.owner._unavailable:
                 self.log.warning("changes in %s found by a walk: %s", self.root, rec.lost)
-            return self._walk_changes(rec.started_ns)
+            return self._walk_changes(rec.started_ns, rec.moved_dirs)
         return self._stat(sorted(rec.paths))
 
     def discard(self, rec: Recording) -> None:
@@ -344,6 +345,10 @@ class ChangeTracker:
             return
         path = f"{base}/{name}" if base else name
         if mask & IN_ISDIR:
+            if mask & IN_MOVED_TO:
+                for rec in self._recordings:
+                    if len(rec.moved_dirs) < self.owner.max_watches:
+                        rec.moved_dirs.add(path)
             if mask & (IN_CREATE | IN_MOVED_TO):
                 # Whatever is under it now is new to the call (its contents may
                 # have been written before the watch was placed).
@@ -517,10 +522,13 @@ class ChangeTracker:
         out.sort(key=lambda c: c.path)
         return out
 
-    def _walk_changes(self, since_ns: int) -> list[Changed]:
+    def _walk_changes(self, since_ns: int, moved: set[str] = frozenset()) -> list[Changed]:
         """The fallback: one walk, every regular file changed since *since_ns*
-        (ctime: set by the kernel on every write, rename or creation)."""
+        (ctime: set by the kernel on every write, rename or creation), and
+        every file below a folder the events saw moved into place (renaming a
+        folder changes its own ctime, not its files')."""
         out: list[Changed] = []
+        below: set[str] = set()
         try:
             fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
@@ -528,12 +536,15 @@ class ChangeTracker:
         try:
             for dirpath, _dirnames, filenames, dfd in os.fwalk(".", dir_fd=fd, follow_symlinks=False):
                 rel = os.path.normpath(dirpath)
+                all_new = rel in moved or os.path.dirname(rel) in below
+                if all_new:
+                    below.add(rel)
                 for fn in filenames:
                     try:
                         st = os.stat(fn, dir_fd=dfd, follow_symlinks=False)
                     except OSError:
                         continue
-                    if stat.S_ISREG(st.st_mode) and st.st_ctime_ns >= since_ns:
+                    if stat.S_ISREG(st.st_mode) and (all_new or st.st_ctime_ns >= since_ns):
                         out.append(Changed(fn if rel == "." else f"{rel}/{fn}", st.st_size))
         finally:
             os.close(fd)

@@ -215,8 +215,12 @@ def test_fallback_walk_past_the_per_call_cap_reports_every_change(tmp_path):
         sid = b.create_session()
         ok(b.run(sid, MANY.format(folder="before", n=100)))        # past the cap too
         assert len(walk_lines(b)) == 1
-        r = ok(b.run(sid, MANY.format(folder="big", n=400) + "\nimport os; os.remove('/mnt/data/before/f00001.txt')"))
-        assert r["files_changed"] == {"count": 400, "bytes": many_bytes(400)}
+        ok(b.run(sid, "import os; os.makedirs('/mnt/data/a/b'); open('/mnt/data/a/b/old.txt', 'w').write('old')"))
+        r = ok(b.run(sid, MANY.format(folder="big", n=400) + "\nos.remove('/mnt/data/before/f00001.txt')\n"
+                          "os.rename('/mnt/data/a', '/mnt/data/renamed')"))
+        # The walk also reports the unchanged file in the renamed folder, under its new path.
+        assert r["files_changed"] == {"count": 401, "bytes": many_bytes(400) + 3}
+        assert "renamed/b/old.txt" in changed_paths(r)
         assert any("more than 50 paths" in line for line in walk_lines(b)), b.log_tail()
         # Under the cap again: from the events, no walk.
         n = len(walk_lines(b))
