@@ -83,6 +83,7 @@ WATCH_MASK = (IN_CREATE | IN_MODIFY | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | 
 CLOCK_REALTIME_COARSE = 5     # Linux; the clock file timestamps are taken from
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then the name, NUL-padded)
 _READ_SIZE = 256 << 10
+MAX_OPEN_RECORDINGS = 16        # calls of one session recording at once (WebSocket clients may queue several)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
@@ -285,6 +286,13 @@ class ChangeTracker:
             self._rebuild()
         if self._stale or self._degraded or self.owner._fd is None:
             rec.lost = self._degraded or self._stale or self.owner._unavailable or "ChangeTracking.method is walk"
+        if len(self._recordings) >= MAX_OPEN_RECORDINGS:
+            # WebSocket executions that never reached idle (their kernel died):
+            # the oldest stops collecting, and walks if it ever ends.
+            old = self._recordings[0]
+            old.lost = old.lost or "too many executions in progress"
+            old.paths.clear()
+            del self._recordings[0]
         self._recordings.append(rec)
         return rec
 

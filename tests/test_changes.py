@@ -318,3 +318,71 @@ def test_calls_that_change_nothing_report_nothing(broker, session, n):
         assert r["files_changed"] == {"count": 0, "bytes": 0} and r["files"] == []
         r = ok(broker.shell(session, "ls quiet | wc -l; cat quiet/f00001.txt"))
         assert r["files_changed"] == {"count": 0, "bytes": 0} and r["files"] == []
+
+
+# -- the tracker on its own: a real inotify instance on a real folder --------------------------------
+# No event loop here, so events are read only at begin and end: every
+# operation below has happened before the tracker sees its first event, the
+# widest possible race between the events and the folder they describe.
+
+def watched_inodes(tracking) -> set[int]:
+    """Inodes under watch by the tracker's inotify instance (from /proc/self/fdinfo)."""
+    with open(f"/proc/self/fdinfo/{tracking._fd}") as fh:
+        return {int(part.split(":")[1], 16) for line in fh if line.startswith("inotify")
+                for part in line.split() if part.startswith("ino:")}
+
+
+@pytest.fixture
+def tracking():
+    from broker.changes import ChangeTracking
+
+    t = ChangeTracking()
+    yield t
+    t.close()
+
+
+def test_cant_make_the_change_tracker_follow_a_link_out(tracking, tmp_path):
+    root = tmp_path / "data"
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "sub" / "secret.txt").write_text("host file")
+    root.mkdir()
+    tracker = tracking.tracker(str(root))
+    rec = tracker.begin()
+    # A folder appears and is swapped for a link out before its event is read.
+    (root / "a" / "sub").mkdir(parents=True)
+    os.rename(root / "a", root / "b")
+    os.symlink(outside, root / "a")
+    (root / "b" / "sub" / "in.txt").write_text("in")
+    changed = [c.path for c in tracker.end(rec)]
+    assert changed == ["b/sub/in.txt"]
+    inodes = watched_inodes(tracking)
+    assert os.stat(outside).st_ino not in inodes and os.stat(outside / "sub").st_ino not in inodes
+    # Writing outside through the link is not seen, and the tracker still works.
+    rec = tracker.begin()
+    (outside / "sub" / "secret.txt").write_text("changed on the host")
+    (root / "b" / "sub" / "next.txt").write_text("next")
+    assert [c.path for c in tracker.end(rec)] == ["b/sub/next.txt"]
+
+
+def test_folders_renamed_and_made_again_before_their_events_are_read(tracking, tmp_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    tracker = tracking.tracker(str(root))
+    rec = tracker.begin()
+    (root / "a").mkdir()
+    (root / "a" / "1.txt").write_text("1")
+    os.rename(root / "a", root / "b")
+    (root / "a").mkdir()
+    (root / "a" / "2.txt").write_text("2")
+    (root / "gone").mkdir()
+    (root / "gone" / "x.txt").write_text("x")
+    os.remove(root / "gone" / "x.txt")
+    os.rmdir(root / "gone")
+    assert [c.path for c in tracker.end(rec)] == ["a/2.txt", "b/1.txt"]
+    # Both folders are watched under their right names.
+    rec = tracker.begin()
+    (root / "a" / "3.txt").write_text("3")
+    (root / "b" / "4.txt").write_text("4")
+    assert [c.path for c in tracker.end(rec)] == ["a/3.txt", "b/4.txt"]
+    assert len(watched_inodes(tracking)) == 3
