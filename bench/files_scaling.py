@@ -110,7 +110,8 @@ def main(argv=None) -> int:
         ratio = stats["full"]["median"] / stats["empty"]["median"]
         ratio99 = stats["full"]["p99"] / stats["empty"]["p99"]
         print(f"\n[{label}]")
-        print(table([(f"1+1, empty session", stats["empty"]), (f"1+1, session with {args.files} files", stats["full"])]))
+        print(table([("1+1, empty session", stats["empty"]),
+                     (f"1+1, session with {args.files} files", stats["full"])]))
         line = f"p50 ratio full/empty: {ratio:.2f} (p99 ratio {ratio99:.2f})"
         if label.startswith("inotify"):
             ok = ratio <= TARGET

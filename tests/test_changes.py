@@ -40,6 +40,11 @@ def changed_paths(r: dict) -> set[str]:
     return {f["path"].removeprefix("/mnt/data/") for f in r["files"] + r["images"]}
 
 
+def own_broker(tmp_path, name: str, *extra: str) -> BrokerProcess:
+    """A broker of the test's own (started by ``with``), warm pool off."""
+    return BrokerProcess(str(tmp_path / name), "--SessionManager.pool_size=0", *extra)
+
+
 def ok(r: dict) -> dict:
     assert r["status"] == "success", r
     return r
@@ -166,9 +171,7 @@ def test_changes_after_a_kernel_restart(broker, session):
 
 
 def test_changes_after_a_broker_restart(tmp_path):
-    b = BrokerProcess(str(tmp_path / "restart dir"), "--SessionManager.pool_size=0")
-    b.start()
-    try:
+    with own_broker(tmp_path, "restart dir") as b:
         sid = b.create_session()
         ok(b.run(sid, MANY.format(folder="kept", n=300)))
         ok(b.run(sid, "import os; os.makedirs('/mnt/data/x/y'); open('/mnt/data/x/y/before.txt', 'w').write('1')"))
@@ -180,17 +183,13 @@ def test_changes_after_a_broker_restart(tmp_path):
         assert r["files_changed"] == {"count": 300, "bytes": many_bytes(300)}
         r = ok(b.shell(sid, "echo 333 > x/y/shell.txt"))
         assert changed_paths(r) == {"x/y/shell.txt"}
-    finally:
-        b.stop()
 
 
 # -- other modes and the fallback ------------------------------------------------------------------
 
 def test_plain_data_folder_without_quota_image(tmp_path):
     """The data folder as a plain folder (as for an unprivileged broker, or quota off)."""
-    b = BrokerProcess(str(tmp_path / "plain"), "--SessionManager.pool_size=0", "--SandboxProvisioner.quota=off")
-    b.start()
-    try:
+    with own_broker(tmp_path, "plain", "--SandboxProvisioner.quota=off") as b:
         sid = b.create_session()
         assert not os.path.ismount(b.data_dir(sid))
         r = ok(b.run(sid, MANY.format(folder="p", n=500)))
@@ -199,8 +198,6 @@ def test_plain_data_folder_without_quota_image(tmp_path):
         assert r["files_changed"]["count"] == 501
         r = ok(b.run(sid, "1+1"))
         assert r["files_changed"]["count"] == 0
-    finally:
-        b.stop()
 
 
 def walk_lines(b: BrokerProcess) -> list[str]:
@@ -209,9 +206,7 @@ def walk_lines(b: BrokerProcess) -> list[str]:
 
 
 def test_fallback_walk_past_the_per_call_cap_reports_every_change(tmp_path):
-    b = BrokerProcess(str(tmp_path / "cap"), "--SessionManager.pool_size=0", "--ChangeTracking.max_changes=50")
-    b.start()
-    try:
+    with own_broker(tmp_path, "cap", "--ChangeTracking.max_changes=50") as b:
         sid = b.create_session()
         ok(b.run(sid, MANY.format(folder="before", n=100)))        # past the cap too
         assert len(walk_lines(b)) == 1
@@ -227,14 +222,10 @@ def test_fallback_walk_past_the_per_call_cap_reports_every_change(tmp_path):
         r = ok(b.run(sid, MANY.format(folder="small", n=20)))
         assert r["files_changed"] == {"count": 20, "bytes": many_bytes(20)}
         assert len(walk_lines(b)) == n
-    finally:
-        b.stop()
 
 
 def test_fallback_walk_past_the_watch_cap_reports_every_change(tmp_path):
-    b = BrokerProcess(str(tmp_path / "watches"), "--SessionManager.pool_size=0", "--ChangeTracking.max_watches=4")
-    b.start()
-    try:
+    with own_broker(tmp_path, "watches", "--ChangeTracking.max_watches=4") as b:
         sid = b.create_session()
         r = ok(b.run(sid, "import os\nfor i in range(6):\n    os.makedirs(f'/mnt/data/d{i}')\n"
                           "    open(f'/mnt/data/d{i}/f.txt', 'w').write('abc')"))
@@ -245,14 +236,10 @@ def test_fallback_walk_past_the_watch_cap_reports_every_change(tmp_path):
         assert changed_paths(r) == {"d1/moved.txt"}
         with open(b.log_path) as fh:
             assert "ChangeTracking.max_watches" in fh.read()
-    finally:
-        b.stop()
 
 
 def test_walk_method_reports_the_same(tmp_path):
-    b = BrokerProcess(str(tmp_path / "walk"), "--SessionManager.pool_size=0", "--ChangeTracking.method=walk")
-    b.start()
-    try:
+    with own_broker(tmp_path, "walk", "--ChangeTracking.method=walk") as b:
         sid = b.create_session()
         r = ok(b.run(sid, MANY.format(folder="w", n=200)))
         assert r["files_changed"] == {"count": 200, "bytes": many_bytes(200)}
@@ -260,8 +247,6 @@ def test_walk_method_reports_the_same(tmp_path):
         assert changed_paths(r) == {"moved.txt"}
         r = ok(b.run(sid, "1+1"))
         assert r["files_changed"]["count"] == 0
-    finally:
-        b.stop()
 
 
 def test_an_overflowing_inotify_queue_still_reports_every_change(tmp_path):
@@ -270,9 +255,7 @@ def test_an_overflowing_inotify_queue_still_reports_every_change(tmp_path):
     with open("/proc/sys/fs/inotify/max_queued_events") as fh:
         queue = int(fh.read())
     n = queue * 2 + 1000            # at least two events per file
-    b = BrokerProcess(str(tmp_path / "overflow"), "--SessionManager.pool_size=0")
-    b.start()
-    try:
+    with own_broker(tmp_path, "overflow") as b:
         sid = b.create_session()
         # The folder exists (and is watched) before the flood: its events fill the queue.
         ok(b.run(sid, "import os; os.makedirs('/mnt/data/pre/sub'); open('/mnt/data/pre/sub/a.txt', 'w').write('a')\n"
@@ -306,8 +289,6 @@ def test_an_overflowing_inotify_queue_still_reports_every_change(tmp_path):
         r = ok(b.run(sid, "open('/mnt/data/pre/sub/b.txt', 'w').write('bb')"))
         assert changed_paths(r) == {"pre/sub/b.txt"}
         assert len(walk_lines(b)) == walks
-    finally:
-        b.stop()
 
 
 @pytest.mark.parametrize("n", [3])
