@@ -40,9 +40,11 @@ system-deps:
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "broker needs Python 3.11 or newer (PYTHON=$(PYTHON))")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q --upgrade pip "setuptools<81" wheel
 	$(BIN)/python -m pip install -q -e ".[kernel,test]"
 	$(BIN)/broker kernelspec install --sys-prefix
+	# Semantic Kernel, for tests/test_aca_semantic_kernel.py, in a virtualenv of its own (.venv-sk)
+	$(BIN)/python -m tests.aca_sk_venv
 	touch $(STAMP)
 
 kernelspec: install
@@ -55,4 +57,4 @@ bench-quick: install
 	$(BIN)/python bench/run_all.py --quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info
+	rm -rf $(VENV) .venv-sk build dist *.egg-info

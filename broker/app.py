@@ -112,6 +112,9 @@ class ServeApp(Application):
     inline_images = CaselessStrEnum(["url", "data"], default_value="url", config=True, help="""How tool results
         carry images by default: signed download URLs, or data: URIs. Per call: ?images=url|data.""")
     link_ttl = Float(24 * 3600, min=60, config=True, help="Seconds a signed download link stays valid.")
+    certfile = Unicode("", config=True, help="""PEM certificate (chain) to serve HTTPS instead of HTTP, e.g. for
+        clients that accept only https:// endpoints (Semantic Kernel's SessionsPythonTool). Needs keyfile.""")
+    keyfile = Unicode("", config=True, help="PEM private key of certfile.")
 
     @default("token")
     def _default_token(self):
@@ -124,6 +127,8 @@ class ServeApp(Application):
         "tokens-file": "ServeApp.tokens_file",
         "data-root": "SessionManager.data_root",
         "public-url": "ServeApp.public_url",
+        "certfile": "ServeApp.certfile",
+        "keyfile": "ServeApp.keyfile",
         "config": "ServeApp.config_file",
     }
     config_file = Unicode("", config=True, help="Load this Python or JSON config file.")
@@ -204,6 +209,17 @@ class ServeApp(Application):
                                  self.inline_images, ChannelSettings(parent=self))
         self.web_app = make_web_app(self.state)
 
+    def ssl_context(self):
+        if not self.certfile and not self.keyfile:
+            return None
+        if not (self.certfile and self.keyfile):
+            raise SystemExit("ServeApp.certfile and ServeApp.keyfile go together: give both, or neither for HTTP")
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.certfile, self.keyfile)
+        return ctx
+
     def start(self):
         asyncio.run(self._serve())
 
@@ -211,12 +227,12 @@ class ServeApp(Application):
         from tornado.httpserver import HTTPServer
 
         server = HTTPServer(self.web_app, max_body_size=self.sessions.max_upload_bytes + (1 << 20),
-                            xheaders=False)
+                            xheaders=False, ssl_options=self.ssl_context())
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         host = f"[{self.ip}]" if ":" in self.ip else self.ip
-        url = f"http://{host}:{port}/"
+        url = f"{'https' if self.certfile else 'http'}://{host}:{port}/"
         self.sessions.start_background()
         print(f"broker {__version__} listening on {url}", flush=True)
         print(f"    data root: {self.sessions.data_root}", flush=True)
@@ -237,11 +253,12 @@ class ServeApp(Application):
 def make_web_app(state):
     from tornado import web
 
-    from broker.web import files, kernels, openapi, sessions
+    from broker.web import aca, files, kernels, openapi, sessions
     from broker.web.base import NotFoundHandler
     from broker.web.root import RootHandler
 
     handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes]
+    handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
     return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
                            compress_response=False)
@@ -251,13 +268,14 @@ def serve_classes():
     from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
+    from broker.results import ResultSettings
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
 
     from broker.transcripts import TranscriptSettings
 
-    return [ServeApp, SessionManager, Executor, ChannelSettings, TranscriptSettings, ChangeTracking,
-            SandboxSettings, SandboxProvisioner]
+    return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
+            ChangeTracking, SandboxSettings, SandboxProvisioner]
 
 
 class TranscriptApp(Application):

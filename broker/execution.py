@@ -32,6 +32,8 @@ from broker.sandbox.settings import ByteSize
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/svg+xml", "image/webp")
 SANDBOX_KERNEL = "python3-sandbox"
+# Said where a stream passed max_stream_bytes (in the stream and in the result's markdown).
+DROPPED = "\n[{name} truncated: {n} more characters not shown]\n"
 
 
 def strip_ansi(text: str) -> str:
@@ -141,7 +143,7 @@ class Outcome:
     result: str | None = None
     error: dict | None = None
     outputs: list = field(default_factory=list)
-    images: list = field(default_factory=list)   # {"mime", "data": bytes, "saved_as": [paths]}
+    images: list = field(default_factory=list)   # {"mime", "data": bytes, "saved_as": [paths], "output"}
     execution_count: int | None = None
     duration_ms: int = 0
     truncated: dict = field(default_factory=dict)
@@ -216,7 +218,7 @@ class _Collector:
                         self.o.truncated["images"] = self.o.truncated.get("images", 0) + 1
                         break
                     saved = c.get("metadata", {}).get("broker_saved_as")
-                    self.o.images.append({"mime": mime, "data": blob,
+                    self.o.images.append({"mime": mime, "data": blob, "output": out,
                                           "saved_as": saved if isinstance(saved, list) else []})
                     break
         self.o.outputs.append(out)
@@ -301,7 +303,7 @@ class Executor(LoggingConfigurable):
         for name, n in col.dropped.items():
             if n:
                 col.o.truncated[name] = n
-                notice = f"\n[{name} truncated: {n} more characters not shown]\n"
+                notice = DROPPED.format(name=name, n=n)
                 setattr(col.o, name, getattr(col.o, name) + notice)
         col.o.duration_ms = int((time.monotonic() - start) * 1000)
         return col.o

@@ -14,12 +14,16 @@ import binascii
 import hashlib
 import os
 import re
+import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker import results
 from broker.changes import Changed
 from broker.errors import InvalidArgument, NotFound
 from broker.files import FileError, guess_type, is_image, normalise
+from broker.results import human
 from broker.sandbox.shell import run_shell
 
 MAX_CODE = 20_000
@@ -91,6 +95,11 @@ class Tool:
     description: str
     params: list[Param] = field(default_factory=list)
 
+    @property
+    def summary(self) -> str:
+        """The description's first sentence (a one-line title for listings)."""
+        return self.description.split(". ", 1)[0].rstrip(".") + "."
+
     def validate(self, args) -> dict:
         if not isinstance(args, dict):
             raise InvalidArgument(f"the body of {self.name} must be a JSON object with the fields "
@@ -118,32 +127,67 @@ def _timeout(default, maximum):
                  default=default, minimum=1, maximum=maximum)
 
 
+# What a model needs to know, said once here and shown by every surface (the
+# OpenAPI document, MCP, the Azure-compatible API): where files live, how
+# results come back, what is installed, what is blocked and what to use
+# instead, and the limits.
+PREINSTALLED = ("pandas, numpy, scipy, matplotlib, seaborn, reportlab, pillow, openpyxl, xlrd, odfpy, pyyaml, "
+                "lxml, h5py, netCDF4, xarray, python-docx, python-pptx, pypdf, beautifulsoup4, markdown, tabulate")
+FILES_NOTE = ("Files live in /mnt/data, the working directory: uploaded files are there, and files saved there "
+              "come back as download links.")
+RESULTS_NOTE = ("Answers are bounded (about 8,000 characters of markdown): long output keeps its head and tail with "
+                "a count of what was cut, and the whole text is saved under /mnt/data/outputs/ (the notice says "
+                "where; read it with ReadSessionFile or SearchSessionFiles); many new files are summarised by "
+                "folder with exact counts.")
+BLOCKED_NOTE = ("No network access and no package installation. Python cannot start processes (subprocess, "
+                "os.system, !commands are refused): use RunShellCommand for shell work. Nothing outside /mnt/data "
+                "is writable except /tmp.")
+
 TOOLS: dict[str, Tool] = {t.name: t for t in [
-    Tool("ExecutePythonCode", "Runs Python code in the session's sandboxed kernel. Images show inline as "
-         "markdown; data files return as download links.", [
+    Tool("ExecutePythonCode", "Runs Python code in the session's sandboxed IPython kernel; variables and imports "
+         "persist between calls. " + FILES_NOTE + " The answer shows, in the order the code produced them, "
+         "printed output, the last expression's value, rich displays (display(df) as a markdown table, Markdown, "
+         "HTML as text, LaTeX, JSON) and errors. Images show inline as markdown: matplotlib figures left open are "
+         "shown at the end of the code (plt.show() is optional; plt.close() hides a figure; a figure saved with "
+         "savefig is reported once, as the saved file). Preinstalled: " + PREINSTALLED + ". " + BLOCKED_NOTE
+         + " " + RESULTS_NOTE + " Timeout: 120 s by default, at most 900 s; at the timeout the code is "
+         "interrupted and the kernel kept (or restarted if it does not stop).", [
         Param("pythonCode", "string", "Python code to run (up to 20,000 characters).", required=True,
               max_length=MAX_CODE),
         _timeout(120, 900)]),
-    Tool("GeneratePdfReport", "Runs Python code that creates a PDF file and returns a download link for it.", [
+    Tool("GeneratePdfReport", "Runs Python code that creates a PDF file (for example with reportlab or "
+         "matplotlib's PdfPages) at expectedOutputFilename in /mnt/data, checks that it is a PDF, and returns a "
+         "download link named saveAsFilename. The code runs in the same kernel as ExecutePythonCode (its "
+         "variables are available) with the same libraries and limits. Timeout: 180 s by default, at most 900 s.", [
         Param("pythonCode", "string", "Python code that creates a PDF file.", required=True, max_length=MAX_CODE),
         Param("expectedOutputFilename", "string", "Path where the code saves the PDF (for example report.pdf "
               "or /mnt/data/report.pdf).", required=True, max_length=1024),
         Param("saveAsFilename", "string", "Download file name (for example daily_summary.pdf).", required=True,
               max_length=255),
         _timeout(180, 900)]),
-    Tool("RunShellCommand", "Runs a shell command in a fresh sandbox over the session's /mnt/data.", [
+    Tool("RunShellCommand", "Runs a bash command in a fresh sandbox over the session's /mnt/data (the working "
+         "directory; use relative paths). The usual command-line tools are there (coreutils, grep, sed, awk, "
+         "find, xargs, sort, uniq, jq, sqlite3, zip/unzip, tar, gzip, diff); python and python3 are the kernel's "
+         "interpreter with the same libraries. ; and && both chain commands. No network and no package "
+         "installation (pip, apt-get and the like are refused); no background jobs. New or changed files come back "
+         "as links, images inline. " + RESULTS_NOTE + " Timeout: 120 s by default, at most 240 s; the whole "
+         "process tree is killed at the timeout.", [
         Param("command", "string", "Shell command to run (bash; ; and && both chain commands).", required=True,
               max_length=MAX_CODE),
         Param("explanation", "string", "Description logged with the command.", max_length=2000),
         Param("isBackground", "boolean", "Must be false: background jobs are not supported.", default=False),
         _timeout(120, 240)]),
-    Tool("ReadSessionFile", "Reads a file from /mnt/data.", [
+    Tool("ReadSessionFile", "Reads a file from /mnt/data: text as UTF-8, anything else as base64 (images also "
+         "inline). One answer holds about 8,000 characters of text; next_offset says where to read on (call again "
+         "with offset). For a whole large file, use GetSessionFile's download link.", [
         Param("path", "string", "File path, relative to /mnt/data or starting with /mnt/data/.", required=True,
               max_length=1024),
         Param("offset", "integer", "Byte offset to start reading at.", default=0, minimum=0, maximum=2**40),
         Param("maxBytes", "integer", "Most bytes to return (default 1 MiB, maximum 16 MiB).", default=1 << 20,
               minimum=1, maximum=16 << 20)]),
-    Tool("SearchSessionFiles", "Searches text files in /mnt/data with a grep-style regular expression.", [
+    Tool("SearchSessionFiles", "Searches text files in /mnt/data with a grep-style regular expression (Python "
+         "syntax) and returns path:line:text for each matching line; binary files and files over 16 MiB are "
+         "skipped. count is exact up to maxResults; a long answer lists the first matches and says how many.", [
         Param("pattern", "string", "Regular expression (Python syntax, like grep -E).", required=True,
               max_length=1000),
         Param("path", "string", "Folder to search below (default: all of /mnt/data).", default="", max_length=1024),
@@ -151,13 +195,17 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
         Param("ignoreCase", "boolean", "Case-insensitive match.", default=False),
         Param("maxResults", "integer", "Most matching lines to return (default 100, maximum 1000).", default=100,
               minimum=1, maximum=1000)]),
-    Tool("ListSessionFiles", "Lists the files in /mnt/data with size, modified time and type.", [
+    Tool("ListSessionFiles", "Lists the files in /mnt/data (or below path) with size, modified time, type and a "
+         "download link. Past 100 files the answer is a summary by folder with exact counts and sizes; list a "
+         "folder with path to see its files.", [
         Param("path", "string", "Folder to list below (default: all of /mnt/data).", default="", max_length=1024)]),
-    Tool("GetSessionFile", "Returns a download link for a file in /mnt/data.", [
+    Tool("GetSessionFile", "Returns a signed download link for a file in /mnt/data (optionally under another "
+         "file name); the link works without a token until it expires.", [
         Param("path", "string", "File path, relative to /mnt/data or starting with /mnt/data/.", required=True,
               max_length=1024),
         Param("saveAsFilename", "string", "Download file name (default: the file's own name).", max_length=255)]),
-    Tool("UploadFileToSession", "Uploads a file (base64 content) into /mnt/data.", [
+    Tool("UploadFileToSession", "Uploads a file (base64 content) into /mnt/data, where code and shell commands "
+         "can read it. Folders are created as needed; 128 MB at most by default.", [
         Param("path", "string", "Destination path, relative to /mnt/data or starting with /mnt/data/.",
               required=True, max_length=1024),
         Param("content", "string", "The file's bytes, base64-encoded.", required=True),
@@ -168,9 +216,7 @@ INSTALL_RE = re.compile(
     r"(^|[;&|(`\s])(sudo\s+)?(pip3?(\.\d+)?|python3?(\.\d+)?\s+-m\s+pip|conda|mamba|micromamba|uv\s+pip|uv|"
     r"poetry|apt-get|apt|npm|gem)\s+(install|add)\b")
 PACKAGE_MESSAGE = ("Package installation is unavailable: the sandbox has no network and cannot install packages. "
-                   "Preinstalled: pandas, numpy, scipy, matplotlib, seaborn, reportlab, pillow, openpyxl, xlrd, "
-                   "odfpy, pyyaml, lxml, h5py, netCDF4, xarray, python-docx, python-pptx, pypdf, beautifulsoup4, "
-                   "markdown, tabulate.")
+                   "Preinstalled: " + PREINSTALLED + ".")
 
 
 def get_tool(name: str) -> Tool:
@@ -180,50 +226,10 @@ def get_tool(name: str) -> Tool:
     return tool
 
 
-# -- markdown -------------------------------------------------------------------
-
-def _fence(text: str, lang: str = "text") -> str:
-    ticks = "```"
-    while ticks in text:
-        ticks += "`"
-    return f"{ticks}{lang}\n{text.rstrip()}\n{ticks}"
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def render(result: dict) -> str:
-    parts = []
-    if result.get("stdout"):
-        parts.append(_fence(result["stdout"]))
-    if result.get("stderr"):
-        parts.append("stderr:\n" + _fence(result["stderr"]))
-    if result.get("result"):
-        parts.append(_fence(result["result"]))
-    err = result.get("error")
-    if err:
-        head = f"**{err['ename']}**: {err['evalue']}" if err.get("evalue") else f"**{err['ename']}**"
-        parts.append(head)
-        if err.get("traceback"):
-            parts.append(_fence(err["traceback"]))
-    for img in result.get("images", []):
-        parts.append(f"![{img['name']}]({img['url']})")
-    files = result.get("files", [])
-    if files:
-        parts.append("\n".join(f"- [{f['name']}]({f['url']}) ({_human(f['size'])})" for f in files))
-    if result.get("notice"):
-        parts.append(f"_{result['notice']}_")
-    if not parts:
-        parts.append("_(no output)_" if result.get("status") == "success" else f"_{result.get('status')}_")
-    return "\n\n".join(parts)
-
-
 # -- the calls --------------------------------------------------------------------
+
+_RESULT_SETTINGS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
 
 class ToolContext:
     """What a tool call needs: the session, link building, and options."""
@@ -232,6 +238,16 @@ class ToolContext:
         self.session = session
         self.links = links
         self.inline_images = inline_images
+
+    @property
+    def results(self) -> results.ResultSettings:
+        """The result budget, configured like the session manager (the app's
+        configuration), made once per manager."""
+        manager = self.session.manager
+        settings = _RESULT_SETTINGS.get(manager)
+        if settings is None:
+            settings = _RESULT_SETTINGS[manager] = results.ResultSettings(parent=manager)
+        return settings
 
     def file_entry(self, path: str, size: int, name: str | None = None) -> dict:
         name = name or os.path.basename(path)
@@ -282,14 +298,21 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
         changes = tracker.end(rec)
     # Image files the code saved (savefig) or changed.
     images, links, seen = _changed_files(ctx, files, changes)
-    saved_images = {img["path"] for img in images}
+    saved_images = {img["path"]: img for img in images}
+    shown: dict[int, dict | None] = {}    # id(output) -> the image entry it shows, for the markdown's order
+    shown_digests: dict[str, dict] = {}
     # Images the code displayed (plt.show, IPython.display): written to
     # /mnt/data/outputs so they can be downloaded like any file.
     for n, img in enumerate(outcome.images, 1):
         digest = hashlib.sha256(img["data"]).hexdigest()
         # A figure saved with savefig and then shown is reported once, as the
         # saved file (the kernel marks the display with where it was saved).
-        if digest in seen or saved_images.intersection(img.get("saved_as", [])):
+        same = next((saved_images[p] for p in img.get("saved_as", []) if p in saved_images), None)
+        if same is not None:
+            shown[id(img["output"])] = same
+            continue
+        if digest in seen:
+            shown[id(img["output"])] = shown_digests.get(digest)   # None: a saved file, listed after the outputs
             continue
         seen.add(digest)
         ext = {"image/png": "png", "image/jpeg": "jpg", "image/gif": "gif", "image/svg+xml": "svg",
@@ -301,14 +324,15 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
             outcome.notice += f" An image could not be saved to /mnt/data ({exc.message}); it is inlined instead."
             entry = ctx.image_entry(path, img["data"], img["mime"])
             entry["url"] = f"data:{img['mime']};base64,{base64.b64encode(img['data']).decode()}"
-            images.append(entry)
-            continue
-        images.append(ctx.image_entry(path, img["data"], img["mime"]))
+        else:
+            entry = ctx.image_entry(path, img["data"], img["mime"])
+        images.append(entry)
+        shown[id(img["output"])] = shown_digests[digest] = entry
     return {
         "status": outcome.status, "stdout": outcome.stdout, "stderr": outcome.stderr, "result": outcome.result,
         "error": outcome.error, "images": images, "files": links, "execution_count": outcome.execution_count,
         "duration_ms": outcome.duration_ms, "notice": outcome.notice.strip(), "truncated": outcome.truncated,
-        "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs,
+        "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs, "_shown": shown,
         "files_changed": _files_changed(changes),
     }
 
@@ -417,56 +441,38 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
 async def read_file(ctx: ToolContext, args: dict) -> dict:
     rel = _path_arg(args["path"], "path")
     data, st, rel = ctx.session.files.read(rel, limit=args["maxBytes"], offset=args["offset"])
-    truncated = args["offset"] + len(data) < st.st_size
-    try:
-        text = data.decode("utf-8")
-        encoding, content = "utf-8", text
-    except UnicodeDecodeError:
-        encoding, content = "base64", base64.b64encode(data).decode()
     entry = ctx.file_entry(rel, st.st_size)
-    result = {"status": "success", "path": f"/mnt/data/{rel}", "size": st.st_size, "encoding": encoding,
-              "content": content, "offset": args["offset"], "truncated": truncated, "type": guess_type(rel),
-              "url": entry["url"]}
-    if encoding == "utf-8":
-        md = _fence(content)
-    elif is_image(rel):
-        md = f"![{os.path.basename(rel)}]({entry['url']})"
-    else:
-        md = f"Binary file ({_human(st.st_size)}): [{os.path.basename(rel)}]({entry['url']})"
-    if truncated:
-        md += f"\n\n_Showing bytes {args['offset']}–{args['offset'] + len(data)} of {st.st_size}._"
-    result["markdown"] = md
+    result = {"status": "success", "path": f"/mnt/data/{rel}", "size": st.st_size, "offset": args["offset"],
+              "type": guess_type(rel), "url": entry["url"]}
+    result.update(results.read_view(data, args["offset"], st.st_size, entry, is_image(rel), ctx.results))
     return result
 
 
 async def search_files(ctx: ToolContext, args: dict) -> dict:
     path = normalise(args["path"] or "")
-    matches, truncated = ctx.session.files.search(args["pattern"], path, ignore_case=args["ignoreCase"],
-                                                  max_results=args["maxResults"], glob=args.get("glob"))
+    matches, stopped = ctx.session.files.search(args["pattern"], path, ignore_case=args["ignoreCase"],
+                                                max_results=args["maxResults"], glob=args.get("glob"))
     for m in matches:
         m["path"] = f"/mnt/data/{m['path']}"
-    lines = [f"{m['path'][len('/mnt/data/'):]}:{m['line']}:{m['text']}" for m in matches]
-    md = _fence("\n".join(lines)) if lines else "_No matches._"
-    if truncated:
-        md += f"\n\n_Stopped at {args['maxResults']} matches._"
-    return {"status": "success", "matches": matches, "count": len(matches), "truncated": truncated, "markdown": md}
+    return {"status": "success", **results.search_view(matches, stopped, args["maxResults"], ctx.results)}
 
 
 async def list_files(ctx: ToolContext, args: dict) -> dict:
-    infos = ctx.session.files.list(normalise(args["path"] or ""))
-    files = []
+    files = ctx.session.files
+    where = normalise(args["path"] or "")
+    infos = files.list(where)
+    entries = []
     for i in infos:
         d = i.as_dict()
         d["path"] = f"/mnt/data/{i.path}"
-        d["url"] = ctx.links.file(ctx.session.id, i.path)
-        files.append(d)
-    if files:
-        rows = ["| name | size | modified | type |", "|---|---:|---|---|"]
-        rows += [f"| {f['name']} | {_human(f['size'])} | {f['modified']} | {f['type']} |" for f in files]
-        md = "\n".join(rows)
-    else:
-        md = "_/mnt/data is empty._"
-    return {"status": "success", "files": files, "count": len(files), "markdown": md}
+        entries.append(d)
+
+    def link(entry: dict) -> None:
+        if "url" not in entry:
+            entry["url"] = ctx.links.file(ctx.session.id, entry["path"][len("/mnt/data/"):])
+
+    view = results.listing_view(entries, where, len(infos) >= files.max_list, ctx.results, link)
+    return {"status": "success", **view}
 
 
 async def get_file(ctx: ToolContext, args: dict) -> dict:
@@ -477,7 +483,7 @@ async def get_file(ctx: ToolContext, args: dict) -> dict:
         raise InvalidArgument("'saveAsFilename' must be a file name without folders", "saveAsFilename", "a file name")
     entry = ctx.file_entry(info.path, info.size, name)
     return {"status": "success", "name": name, "path": entry["path"], "size": info.size, "type": info.type,
-            "url": entry["url"], "markdown": f"[{name}]({entry['url']}) ({_human(info.size)})"}
+            "url": entry["url"], "markdown": f"[{name}]({entry['url']}) ({human(info.size)})"}
 
 
 async def upload_file(ctx: ToolContext, args: dict) -> dict:
@@ -490,7 +496,7 @@ async def upload_file(ctx: ToolContext, args: dict) -> dict:
     ctx.session.touch()
     entry = ctx.file_entry(r["path"], r["size"])
     return {"status": "success", "path": entry["path"], "size": r["size"], "sha256": r["sha256"], "url": entry["url"],
-            "markdown": f"Uploaded [{os.path.basename(rel)}]({entry['url']}) ({_human(r['size'])}) to {entry['path']}"}
+            "markdown": f"Uploaded [{os.path.basename(rel)}]({entry['url']}) ({human(r['size'])}) to {entry['path']}"}
 
 
 HANDLERS = {
@@ -549,8 +555,42 @@ async def call_tool(ctx: ToolContext, name: str, raw_args) -> dict:
         import logging
 
         logging.getLogger("broker").exception("could not record %s in the transcript", name)
-    result.pop("outputs", None)  # nbformat outputs are for the transcript, not the caller
+    shown = result.pop("_shown", None) or {}
+    raw = result.pop("outputs", None) or []   # the executor's outputs are for the transcript
     result["tool"] = name
-    if "markdown" not in result:
-        result["markdown"] = render(result)
+    if name in RUN_TOOLS:
+        if name == "RunShellCommand":
+            shaped = results.shell_blocks(result.get("stdout") or "", result.get("stderr") or "", result.get("error"))
+        else:
+            shaped = results.python_blocks(raw, shown, result.get("error"))
+        full = {"stdout": result.get("stdout") or "", "stderr": result.get("stderr") or ""}
+        # No await between the handler's release of the session lock and
+        # here: the next call of the session cannot start in between, so the
+        # whole texts written now are never counted among its new files.
+        results.shape_run(result, shaped, ctx.results, _saver(ctx, name, result), full)
+    elif "markdown" not in result:
+        result["markdown"] = "_(no output)_"
     return result
+
+
+RUN_TOOLS = ("ExecutePythonCode", "GeneratePdfReport", "RunShellCommand")
+
+
+def _saver(ctx: ToolContext, name: str, result: dict):
+    """Where the whole text of a cut output goes: /mnt/data/outputs/, named
+    after the cell (``cell-<execution count>-stdout.txt``) or the shell call."""
+    if name == "RunShellCommand":
+        now = time.time()
+        stem = f"shell-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(now))}-{int(now * 1000) % 1000:03d}"
+    else:
+        stem = f"cell-{result.get('execution_count') or 0}"
+
+    def save(key: str, text: str) -> str | None:
+        path = f"outputs/{stem}-{key}.txt"
+        try:
+            ctx.session.files.write(path, text.encode("utf-8", "replace"))
+        except FileError:
+            return None
+        return f"/mnt/data/{path}"
+
+    return save

@@ -6,9 +6,8 @@ import os
 c = get_config()  # noqa: F821
 
 # Images: MPLBACKEND (set by the provisioner) selects matplotlib-inline, so
-# plt.show() sends image/png display_data.  Figures are not auto-displayed at
-# the end of a cell: code that saves a chart with savefig gets the file back,
-# not a second copy of the image.
+# plt.show() sends image/png display_data, and figures left open are shown at
+# the end of the cell (unless BROKER_FIGURE_AUTOSHOW=0; see startup.py).
 c.IPKernelApp.matplotlib = None
 c.InlineBackend.figure_formats = {"png"}
 c.InlineBackend.rc = {"figure.dpi": 100}

@@ -45,6 +45,14 @@ def thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def set_dumpable(dumpable: bool) -> None:
+    """Not dumpable: /proc/<pid>/mem, environ and the like belong to root, and
+    ptrace_may_access refuses processes of the same uid."""
+    if _libc.prctl(PR_SET_DUMPABLE, int(dumpable), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_DUMPABLE): {os.strerror(err)}")
+
+
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 

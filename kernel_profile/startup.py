@@ -45,13 +45,18 @@ def _broker_sandbox_startup():
     for name in ("bash", "sh", "script", "system"):
         register_cell_magic(name)(_skip_shell_cell)
 
-    # Figures are shown by plt.show() (or display(fig)) only.  matplotlib-inline
-    # would otherwise display every figure drawn in interactive mode at the end
-    # of the cell, so a chart saved with savefig came back a second time as an
-    # image.  Registered before the backend's own post_execute hook (which is
-    # added when pyplot is first imported), this runs first: it drops the
-    # pending auto-display and closes the figures left open, as the inline
-    # backend does after showing them.
+    # Figures left open are shown at the end of the cell, as Jupyter's inline
+    # backend does (its own post_execute hook shows every open figure once
+    # and closes it; plt.show() and plt.close() have already closed theirs).
+    # A figure saved with savefig and left open carries its file in the
+    # display's metadata (below), so the broker reports it once, as the file.
+    # BROKER_FIGURE_AUTOSHOW=0 (SandboxSettings.figure_autoshow) turns this
+    # off: then only plt.show() or display(fig) show a figure.  Registered
+    # before the backend's hook (added when pyplot is first imported), this
+    # one runs first: it drops the pending auto-display and closes the
+    # figures left open, as the backend does after showing them.
+    import os
+
     def _no_auto_display():
         import sys
 
@@ -64,7 +69,8 @@ def _broker_sandbox_startup():
         if plt is not None and plt.get_fignums():
             plt.close("all")
 
-    ip.events.register("post_execute", _no_auto_display)
+    if os.environ.get("BROKER_FIGURE_AUTOSHOW", "1").strip().lower() in ("0", "false", "no", "off"):
+        ip.events.register("post_execute", _no_auto_display)
 
     # A figure saved with savefig and then shown (plt.show(), display(fig))
     # is one chart: its display carries the file it was saved to in the
@@ -74,7 +80,6 @@ def _broker_sandbox_startup():
     # start would slow every kernel).  A figure changed after it was saved is
     # stale again and its display carries no mark.
     import importlib.machinery
-    import os
     import sys
 
     def _mark_saves(module):

@@ -37,10 +37,14 @@ class BrokerProcess:
     """One broker subprocess.  ``url`` is its base URL (no trailing slash)."""
 
     def __init__(self, workdir: str, *extra: str, tokens: dict[str, str] | None = None,
-                 data_root: str | None = None, name: str = "broker"):
+                 data_root: str | None = None, name: str = "broker", tls: tuple[str, str] | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
         self.extra = list(extra)
+        # tls: (certfile, keyfile) to serve HTTPS; requests then trust that certificate.
+        self.scheme, self.verify = ("https", tls[0]) if tls else ("http", True)
+        if tls:
+            self.extra += ["--certfile", tls[0], "--keyfile", tls[1]]
         self.tokens = dict(tokens or TOKENS)
         self.owners = {owner: tok for tok, owner in self.tokens.items()}
         self.data_root = data_root or os.path.join(workdir, "data")
@@ -57,7 +61,7 @@ class BrokerProcess:
         last = ""
         for _attempt in range(3):  # a port picked free can be taken before the broker binds it
             self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
+            self.url = f"{self.scheme}://127.0.0.1:{self.port}"
             cmd = [BROKER_BIN, "serve", "--ip", "127.0.0.1", "--port", str(self.port), "--data-root", self.data_root,
                    "--tokens-file", self.tokens_file, *self.extra]
             env = dict(os.environ)
@@ -72,7 +76,7 @@ class BrokerProcess:
                 if self.proc.poll() is not None:
                     break
                 try:
-                    r = requests.get(self.url + "/api/openapi.json", timeout=2)
+                    r = requests.get(self.url + "/api/openapi.json", timeout=2, verify=self.verify)
                     if r.status_code == 200:
                         return self
                 except requests.RequestException:
@@ -132,7 +136,7 @@ class BrokerProcess:
         h = self.headers(owner)
         h.update(headers or {})
         url = path if path.startswith("http") else self.url + path
-        return requests.request(method, url, headers=h, timeout=timeout, **kw)
+        return requests.request(method, url, headers=h, timeout=timeout, verify=self.verify, **kw)
 
     def get(self, path, **kw):
         return self.request("GET", path, **kw)

@@ -46,6 +46,7 @@ class Run:
     traceback: str = ""
     result: str = ""
     displays: list = field(default_factory=list)
+    display_metadata: list = field(default_factory=list)
     dead: bool = False
 
     @property
@@ -58,8 +59,8 @@ class Run:
 
 
 class SandboxKernel:
-    def __init__(self, kernel_name: str = "python3-sandbox", **start_kwargs):
-        self.km = KernelManager(kernel_name=kernel_name)
+    def __init__(self, kernel_name: str = "python3-sandbox", config=None, **start_kwargs):
+        self.km = KernelManager(kernel_name=kernel_name, **({"config": config} if config is not None else {}))
         self.km.start_kernel(**start_kwargs)
         self.kc = self.km.client()
         self.kc.start_channels()
@@ -115,6 +116,7 @@ class SandboxKernel:
                 out.result = c["data"].get("text/plain", "")
             elif t == "display_data":
                 out.displays.append(c["data"])
+                out.display_metadata.append(c.get("metadata", {}))
             elif t == "status" and c["execution_state"] == "idle":
                 got_idle = True
             if got_idle and not got_reply:

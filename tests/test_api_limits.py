@@ -79,7 +79,7 @@ def test_stdout_capped_with_visible_notice(limited, sid):
     assert kept.startswith("line 00000\nline 00001\n")
     assert "line 01999" not in r["stdout"]
     assert notice == f"\n[stdout truncated: {total - STREAM_CAP} more characters not shown]\n", notice
-    assert r["truncated"]["stdout"] == total - STREAM_CAP
+    assert r["truncated"]["stdout"]["dropped"] == total - STREAM_CAP
     assert "stdout truncated" in r["markdown"]
     # stderr has its own cap; the kernel keeps working afterwards.
     r = limited.run(sid, "import sys\nsys.stderr.write('e' * 5000)\nprint('small')")

@@ -25,7 +25,7 @@ SECRET_SET_AT: list[float] = []
 
 # What ipykernel / IPython / the boot script add to the kernel's allow-listed
 # environment once it runs (never anything from the host).
-KERNEL_ADDED_ENV = {"BROKER_SANDBOX_LANDLOCK_ABI", "CLICOLOR", "CLICOLOR_FORCE", "FORCE_COLOR", "GIT_PAGER",
+KERNEL_ADDED_ENV = {"BROKER_SANDBOX_LANDLOCK_ABI", "JPY_PARENT_PID", "CLICOLOR", "CLICOLOR_FORCE", "FORCE_COLOR", "GIT_PAGER",
                     "PAGER", "PWD", "TERM", "PYDEVD_USE_FRAME_EVAL"}
 
 
@@ -68,7 +68,7 @@ def test_cant_see_host_environment(kernel):
     assert HOST_SECRET not in repr(result), "a host environment variable reached the sandbox"
     assert HOST_SECRET_VAR not in repr(result) and "AWS_SECRET_ACCESS_KEY" not in repr(result)
     pid1 = result["pid1_environ"]
-    if pid1[0] == "ok":  # pid 1 is the kernel itself (bwrap --as-pid-1) or bwrap's init
+    if pid1[0] == "ok":  # pid 1 is the boot script's init: not dumpable, so normally unreadable
         names = {kv.split("=", 1)[0] for kv in pid1[1].split("\0") if kv}
         assert names <= set(kernel_env()) | {"PWD"}, names
     # Host side: every process of the sandbox (launcher, bwrap, kernel) has a

@@ -664,13 +664,16 @@ def test_cant_set_personality(kernel):
 
 
 def test_cant_take_over_the_sandbox_init(kernel):
-    """No unfiltered process shares the sandbox: bwrap runs with --as-pid-1,
-    so the kernel itself is pid 1 and every pid in the sandbox carries the
-    seccomp filter.  (With a bwrap init as pid 1 — same uid, no filter of
-    its own — code could write its memory through /proc/1/mem wherever
-    Landlock is not there to refuse it, and run outside the filter.)"""
+    """No unfiltered process shares the sandbox.  bwrap runs with --as-pid-1
+    (no bwrap init: same uid, no filter of its own, so code could write its
+    memory through /proc/1/mem wherever Landlock is not there to refuse it).
+    pid 1 is the boot script's own init (kernel_profile/boot.py), which
+    forks the kernel (pid 2) and then locks itself down: the kernel's seccomp
+    program, Landlock with no file-system access, and not dumpable, so its
+    /proc files are closed to the kernel's uid and ptrace is refused."""
     out = probe(kernel, """
         out["pid"] = _os.getpid()
+        out["ppid"] = _os.getppid()
         pids = sorted(int(p) for p in _os.listdir("/proc") if p.isdigit())
         out["pids"] = pids
         out["seccomp"] = {}
@@ -679,11 +682,24 @@ def test_cant_take_over_the_sandbox_init(kernel):
                 if line.startswith("Seccomp:"):
                     out["seccomp"][str(pid)] = line.split()[1]
         out["attach"] = sys_call(101, 16, 1, 0, 0)
+        for name, flags in (("mem_rw", _os.O_RDWR), ("mem_r", _os.O_RDONLY)):
+            try:
+                _os.close(_os.open("/proc/1/mem", flags))
+                out[name] = "opened"
+            except OSError as exc:
+                out[name] = exc.errno
+        try:
+            out["environ"] = open("/proc/1/environ", "rb").read().decode()
+        except OSError as exc:
+            out["environ"] = exc.errno
     """)
-    assert out["pid"] == 1, out
-    assert out["pids"] == [1], out
-    assert out["seccomp"] == {"1": "2"}, out
+    assert out["pid"] == 2 and out["ppid"] == 1, out
+    assert out["pids"] == [1, 2], out
+    assert out["seccomp"] == {"1": "2", "2": "2"}, out
     assert_eperm(out["attach"])
+    assert out["mem_rw"] in (errno.EACCES, errno.EPERM), out
+    assert out["mem_r"] in (errno.EACCES, errno.EPERM), out
+    assert out["environ"] in (errno.EACCES, errno.EPERM), out
     assert kernel.answers()
 
 
@@ -699,8 +715,8 @@ time.sleep(60)
 def test_cant_signal_processes_outside(kernel):
     """A host process of the sandbox's own uid (which a sandbox without its
     pid namespace could signal) gets nothing from kill(pid), kill(-1), and
-    kill(1) only reaches the kernel itself, which is the namespace's init and
-    so cannot be SIGKILLed from inside."""
+    kill(1) only reaches the sandbox's own init, which cannot be SIGKILLed
+    from inside (or, with Landlock's signal scoping, not signalled at all)."""
     uid = os.stat(kernel.data_dir).st_uid
     kw = {"user": uid, "group": uid, "extra_groups": []} if os.geteuid() == 0 and uid != 0 else {}
     child = subprocess.Popen(["/usr/bin/python3", "-c", HOST_CHILD], stdout=subprocess.PIPE, text=True,
@@ -715,8 +731,8 @@ def test_cant_signal_processes_outside(kernel):
             out["kill_1"] = sys_call(62, 1, signal.SIGKILL)
             out["pidfd_signal"] = sys_call(424, -1, signal.SIGWINCH, 0, 0)
         """, pid=child.pid)
-        # The sandbox sees itself (pid 1, bwrap --as-pid-1), nothing else.
-        assert out["pids"] == [1], out
+        # The sandbox sees itself (its init, pid 1, and the kernel), nothing else.
+        assert out["pids"] == [1, 2], out
         assert out["kill_host"] == [-1, errno.ESRCH], out
         # Nothing else to signal in the pid namespace (or Landlock scoping).
         assert out["kill_all"][0] == -1 or out["kill_all"] == [0, 0], out

@@ -162,7 +162,10 @@ def test_plt_show_sends_one_png_display(hooked_kernel):
         assert 300 < w < 500 and 220 < h < 380, img.size
 
 
-def test_saved_only_figure_is_not_displayed(hooked_kernel):
+def test_saved_figure_left_open_is_displayed_once_marked_as_saved(hooked_kernel):
+    """As Jupyter's inline backend does, a figure left open is displayed at
+    the end of the cell; a saved one carries its file in the display's
+    metadata, so the broker reports it once, as the file."""
     k = hooked_kernel
     r = k.run("""
         import matplotlib.pyplot as plt
@@ -171,9 +174,10 @@ def test_saved_only_figure_is_not_displayed(hooked_kernel):
         plt.savefig('/mnt/data/saved_only.png')
     """)
     assert r.status == "ok", r
-    assert r.displays == []
+    assert len(r.displays) == 1 and "image/png" in r.displays[0], r.displays
+    assert r.display_metadata[0].get("broker_saved_as") == ["/mnt/data/saved_only.png"], r.display_metadata
     assert png_size(os.path.join(k.data_dir, "saved_only.png")) == (400, 300)
-    # The saved figure does not come back later either: the next plt.show()
+    # Shown once: the saved figure does not come back later: the next plt.show()
     # displays only its own figure.
     r = k.run("""
         import matplotlib.pyplot as plt

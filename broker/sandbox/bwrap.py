@@ -49,6 +49,7 @@ class SandboxSpec:
     seccomp_fd: int | None = None                         # bwrap --seccomp (shell sandboxes)
     hostname: str = "sandbox"
     cap_drop: bool = True
+    views: dict[str, str] = field(default_factory=dict)   # sandbox path -> host folder, read-only
 
 
 @dataclass
@@ -119,6 +120,8 @@ def build(spec: SandboxSpec, bwrap: str, sources: dict[str, str] | None = None) 
     a += ["--proc", "/proc", "--dev", "/dev",
           "--size", str(spec.shm_size), "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
     a += ["--dir", "/mnt", "--bind", src(spec.data_dir), "/mnt/data"]
+    for dest, host in sorted(spec.views.items()):
+        a += ["--ro-bind", src(host), dest]
     if spec.rt_dir:
         a += ["--dir", "/run", "--bind", src(spec.rt_dir), "/run/kernel"]
     for name, data in spec.files.items():
@@ -214,7 +217,7 @@ def launch(spec: SandboxSpec, *, bwrap: str, uid: int, gid: int, as_root: bool,
 
     sources: dict[str, str] = {}
     needs = [p for p in _dedupe(spec.ro_paths) + [spec.data_dir] + ([spec.rt_dir] if spec.rt_dir else [])
-             if not reachable_by(p, uid, gid)]
+             + sorted(spec.views.values()) if not reachable_by(p, uid, gid)]
     for i, path in enumerate(needs):
         sources[path] = os.path.join(stage_dir, str(i))
     ensure_stage_dirs(stage_dir, len(needs))

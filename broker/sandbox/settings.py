@@ -83,6 +83,10 @@ class SandboxSettings(LoggingConfigurable):
         creates): a loop-mounted ext4 image; 'off': only RLIMIT_FSIZE.""")
     landlock = Bool(True, config=True, help="Apply Landlock inside the sandbox where the kernel supports it (best effort).")
     seccomp_profile = Unicode("kernel", config=True, help="The seccomp profile for kernels (a file in seccomp/).")
+    figure_autoshow = Bool(True, config=True, help="""Show matplotlib figures left open at the end of a
+        cell, as Jupyter's inline backend does (each once; a figure saved with savefig and left open is
+        reported as the saved file). False: only plt.show() or display(fig) show a figure. Passed to
+        the kernel as BROKER_FIGURE_AUTOSHOW=1/0.""")
 
     @validate("uid_range_start")
     def _valid_uid(self, proposal):
@@ -99,6 +103,10 @@ class SandboxSettings(LoggingConfigurable):
         if own_uid:
             limits["nproc"] = self.pids_limit
         return limits
+
+    def profile_env(self) -> dict[str, str]:
+        """Variables the kernel profile (kernel_profile/startup.py) reads."""
+        return {"BROKER_FIGURE_AUTOSHOW": "1" if self.figure_autoshow else "0"}
 
     @property
     def effective_address_space(self) -> int:

@@ -99,7 +99,26 @@ def document() -> dict:
             "files": {"type": "array", "items": {"$ref": "#/components/schemas/FileInfo"}},
             "execution_count": {"type": "integer", "nullable": True},
             "duration_ms": {"type": "integer"}, "exit_code": {"type": "integer", "nullable": True},
-            "notice": {"type": "string"}}, "additionalProperties": True},
+            "notice": {"type": "string", "description": "What the broker did or cut, and where the rest is"},
+            "outputs": {"type": "array", "description": "Every output in the order the code produced it",
+                        "items": {"$ref": "#/components/schemas/Output"}},
+            "image_count": {"type": "integer", "description": "Images shown or saved (exact, even when listed "
+                            "rather than inlined)"},
+            "file_count": {"type": "integer", "description": "Other files created or changed (exact, even when "
+                           "summarised by folder)"},
+            "truncated": {"type": "object", "additionalProperties": True,
+                          "description": "What was cut, per field, with exact counts and where the whole is "
+                                         "(see docs/results.md)"}}, "additionalProperties": True},
+        "Output": {"type": "object", "required": ["type", "mimes", "text"], "properties": {
+            "type": {"type": "string", "enum": ["stream", "display_data", "execute_result", "error"]},
+            "name": {"type": "string", "description": "stdout or stderr (streams)"},
+            "mimes": {"type": "array", "items": {"type": "string"}, "description": "The MIME bundle's keys"},
+            "text": {"type": "string", "description": "The text shown in markdown for this output"},
+            "shown_as": {"type": "string", "description": "The MIME type the text was made from"},
+            "image": {"type": "object", "description": "The image file this output shows ({path}; its "
+                      "entry in images has the url)"},
+            "full": {"type": "string", "nullable": True,
+                     "description": "Where the whole text is when it was cut (/mnt/data/outputs/...)"}}},
     }
     for name, tool in TOOLS.items():
         schemas[name] = {"type": "object", "additionalProperties": False,
@@ -107,7 +126,7 @@ def document() -> dict:
                          "properties": {p.name: p.schema() for p in tool.params}}
         paths[f"/api/sessions/{{id}}/tools/{name}"] = {
             "parameters": [sid],
-            "post": {"summary": tool.description, "operationId": name,
+            "post": {"summary": tool.summary, "description": tool.description, "operationId": name,
                      "parameters": [{"name": "images", "in": "query", "required": False,
                                      "schema": {"type": "string", "enum": ["url", "data"]},
                                      "description": "Return images as signed URLs (default) or data: URIs"}],
