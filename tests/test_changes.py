@@ -74,7 +74,7 @@ def test_files_written_by_shell_commands_are_found(broker, session):
     r = ok(broker.shell(session, "mkdir -p sh/a/b && for i in $(seq 1 50); do echo $i > sh/a/b/f$i.txt; done; "
                                  "echo top > sh/top.txt"))
     assert r["files_changed"] == {"count": 51, "bytes": sum(len(f"{i}\n") for i in range(1, 51)) + 4}
-    assert "sh/top.txt" in changed_paths(r) and "sh/a/b/f50.txt" in changed_paths(r)
+    # (the lists past 20 files are summarised by folder: broker/results.py; the count stays exact)
     # A shell command changing one existing file reports that one only.
     r = ok(broker.shell(session, "echo again >> sh/a/b/f7.txt && cat sh/top.txt"))
     assert changed_paths(r) == {"sh/a/b/f7.txt"}
