@@ -178,7 +178,8 @@ def measure(rounds: int, seed: int = 1) -> tuple[dict, list]:
 DIAG_WRAP = [
     "broker.tools:call_tool",
     "broker.execution:Executor.run",
-    "broker.files:SessionFiles.snapshot",
+    "broker.changes:ChangeTracker.begin",
+    "broker.changes:ChangeTracker.end",
     "broker.sessions:Session.ensure_kernel",
     "broker.sandbox.provisioner:SandboxProvisioner.pre_launch",
     "broker.sandbox.provisioner:SandboxProvisioner.launch_kernel",
@@ -217,7 +218,8 @@ def diagnose(rounds: int) -> list[str]:
         add("first 1+1, client side (POST answered -> result read)", w2 - w1)
         for fn, label in (("broker.tools:call_tool", "  call_tool (the tool handler, whole)"),
                           ("broker.sessions:Session.ensure_kernel", "    Session.ensure_kernel (is_alive)"),
-                          ("broker.files:SessionFiles.snapshot", "    SessionFiles.snapshot x2 (/mnt/data before, after)"),
+                          ("broker.changes:ChangeTracker.begin", "    ChangeTracker.begin (changes: start)"),
+                          ("broker.changes:ChangeTracker.end", "    ChangeTracker.end (changes: what the call changed)"),
                           ("broker.execution:Executor.run", "    Executor.run (execute_request -> reply and idle)")):
             add(label, sum(c["dur"] for c in inside if c["fn"] == fn and c["start"] >= w1))
         add("  broker-reported duration_ms of the execution", (dur_ms or 0) / 1e3)

@@ -86,7 +86,8 @@ REST_DIAG = "REST, timing-launcher broker"
 ORDER = [BARE, L1, L2, L3, L4, L5, S0, RUN_SHELL, REST, REST_DIAG]
 
 DIAG_WRAP = ["broker.tools:call_tool", "broker.tools:run_shell", "broker.tools:record",
-             "broker.files:SessionFiles.snapshot", "broker.sessions:Session.ensure_kernel",
+             "broker.changes:ChangeTracker.begin", "broker.changes:ChangeTracker.end",
+             "broker.sessions:Session.ensure_kernel",
              "broker.sandbox.cgroups:Cgroup.create", "broker.sandbox.bwrap:launch"]
 
 
@@ -236,7 +237,8 @@ def diag_lines(calls: list[dict], n_calls: int) -> list[str]:
         by.setdefault(c["fn"], []).append(c["dur"] * 1e3)
     labels = [("broker.tools:call_tool", "call_tool (the tool handler, whole)"),
               ("broker.sessions:Session.ensure_kernel", "  Session.ensure_kernel (is the kernel alive)"),
-              ("broker.files:SessionFiles.snapshot", "  SessionFiles.snapshot (each; two per call)"),
+              ("broker.changes:ChangeTracker.begin", "  ChangeTracker.begin (changes: start)"),
+              ("broker.changes:ChangeTracker.end", "  ChangeTracker.end (changes: what the call changed)"),
               ("broker.tools:run_shell", "  run_shell"),
               ("broker.sandbox.cgroups:Cgroup.create", "    Cgroup.create"),
               ("broker.sandbox.bwrap:launch", "    bw.launch (argv build)"),

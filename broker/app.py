@@ -276,6 +276,7 @@ def make_web_app(state):
 
 
 def serve_classes():
+    from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
     from broker.results import ResultSettings
@@ -286,7 +287,7 @@ def serve_classes():
     from broker.web.mcp import McpSettings
 
     return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
-            SandboxSettings, SandboxProvisioner, McpSettings]
+            ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings]
 
 
 class TranscriptApp(Application):

@@ -107,7 +107,7 @@ class IOPubHub:
         self.jsession = jsession
         self.listeners: dict[str, "ChannelConnection"] = {}
         self.execution_state = "starting"
-        self.tracked: dict[str, dict] = {}          # msg_id -> {"header", "before", "links"}
+        self.tracked: dict[str, dict] = {}          # msg_id -> {"header", "recording", "links", ...}
         self._out_bytes: dict[str, int] = {}
         self._notified: set[str] = set()
         self.observers: list[Callable[[KernelMessage], None]] = []
@@ -120,6 +120,9 @@ class IOPubHub:
         self.stream.on_recv(self._on_recv, copy=True)
 
     def close(self) -> None:
+        for info in self.tracked.values():
+            self._end_recording(info)
+        self.tracked.clear()
         for conn in list(self.listeners.values()):
             conn.close()
         self.listeners.clear()
@@ -130,30 +133,36 @@ class IOPubHub:
         from broker.transcripts import now_iso
 
         try:
-            before = self.session.files.snapshot()
+            recording = self.session.changes.begin()
         except Exception:  # a broken folder must not stop the execution
-            before = None
-        self.tracked[header.get("msg_id", "")] = {"header": header, "before": before, "links": links,
+            recording = None
+        self.tracked[header.get("msg_id", "")] = {"header": header, "recording": recording, "links": links,
                                                   "code": content.get("code", ""), "msgs": [],
                                                   "started": now_iso(), "silent": bool(content.get("silent"))}
         if len(self.tracked) > 1000:
-            self.tracked.pop(next(iter(self.tracked)))
+            self._end_recording(self.tracked.pop(next(iter(self.tracked))))
+
+    @staticmethod
+    def _end_recording(info: dict) -> None:
+        rec = info.pop("recording", None)
+        if rec is not None:
+            rec.tracker.discard(rec)
 
     def _files_message(self, info: dict) -> KernelMessage | None:
         from broker.files import guess_type
 
-        before = info["before"]
-        if before is None:
+        rec = info.pop("recording", None)
+        if rec is None:
             return None
         try:
-            after = self.session.files.snapshot()
+            changed = rec.tracker.end(rec)
         except Exception:
             return None
-        changed = sorted(p for p, sig in after.items() if before.get(p) != sig)
         if not changed:
             return None
-        files = [{"path": f"/mnt/data/{p}", "size": after[p][0], "type": guess_type(p),
-                  "url": info["links"].file(self.session.id, p) if info["links"] else None} for p in changed[:200]]
+        files = [{"path": f"/mnt/data/{c.path}", "size": c.size, "type": guess_type(c.path),
+                  "url": info["links"].file(self.session.id, c.path) if info["links"] else None}
+                 for c in changed[:200]]
         md = "Files written to /mnt/data:\n\n" + "\n".join(
             f"- [{f['path'][len('/mnt/data/'):]}]({f['url']}) ({f['size']} bytes)" if f["url"] else
             f"- {f['path']} ({f['size']} bytes)" for f in files)

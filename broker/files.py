@@ -386,9 +386,6 @@ class SessionFiles:
     def list(self, path: str = "") -> list[FileInfo]:
         return [FileInfo(p, st.st_size, st.st_mtime, guess_type(p)) for p, st in self.walk(path)]
 
-    def snapshot(self) -> dict[str, tuple[int, int, int]]:
-        return {p: (st.st_size, st.st_mtime_ns, st.st_ino) for p, st in self.walk("")}
-
     def search(self, pattern: str, path: str = "", *, ignore_case: bool = False, max_results: int = 100,
                max_file_size: int = 16 << 20, glob: str | None = None) -> tuple[list[dict], bool]:
         """grep-style search: (matches, truncated).  Binary files are skipped."""

@@ -32,6 +32,7 @@ import uuid
 from traitlets import Float, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from broker.changes import ChangeTracker, ChangeTracking
 from broker.errors import SandboxError, SessionNotFound, TooManySessions
 from broker.execution import Executor, SessionKernel
 from broker.files import SessionFiles
@@ -76,6 +77,7 @@ class Session:
         # kernel was replaced outside a call.
         self.kernel_state = False
         self._kernel_notice = ""
+        self._changes: ChangeTracker | None = None
 
     # -- state ----------------------------------------------------------------
     @property
@@ -103,6 +105,19 @@ class Session:
         owner = (st.st_uid, st.st_gid) if prereq.is_root() and st.st_uid != 0 else None
         return SessionFiles(self.data_dir, owner=owner, max_upload=self.manager.max_upload_bytes,
                             max_read=self.manager.max_read_bytes)
+
+    @property
+    def changes(self) -> ChangeTracker:
+        """What each call changes in /mnt/data (made on first use; its watches
+        are placed by the first call and follow the folder if it is mounted again)."""
+        if self._changes is None:
+            self._changes = self.manager.change_tracking.tracker(self.data_dir)
+        return self._changes
+
+    def close_changes(self) -> None:
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
 
     def save(self) -> None:
         meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity,
@@ -315,6 +330,7 @@ class SessionManager(LoggingConfigurable):
         from broker.transcripts import TranscriptSettings
 
         self.transcript_settings = TranscriptSettings(parent=self)
+        self.change_tracking = ChangeTracking(parent=self)
         self._cull_task: asyncio.Task | None = None
 
     # -- lifecycle ----------------------------------------------------------------
@@ -400,6 +416,7 @@ class SessionManager(LoggingConfigurable):
         await asyncio.gather(*(s._transcript.flush() for s in self.sessions.values() if s._transcript is not None),
                              return_exceptions=True)
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
+        self.change_tracking.close()
         for s in self.sessions.values():
             if prereq.is_root():
                 volume.unmount(s.data_dir)
@@ -522,6 +539,7 @@ class SessionManager(LoggingConfigurable):
     async def _delete(self, s: Session) -> None:
         s.deleted = True
         self.sessions.pop(s.id, None)
+        s.close_changes()
         try:
             await s.stop_kernel()
         finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker import results
+from broker.changes import Changed
 from broker.errors import InvalidArgument, NotFound
 from broker.files import FileError, guess_type, is_image, normalise
 from broker.results import human
@@ -269,39 +270,42 @@ class ToolContext:
         return entry
 
 
-def _changes(before: dict, after: dict) -> list[str]:
-    return sorted(p for p, sig in after.items() if before.get(p) != sig)
-
-
-def _changed_files(ctx: ToolContext, files, before: dict, after: dict) -> tuple[list, list, set]:
+def _changed_files(ctx: ToolContext, files, changes: list[Changed]) -> tuple[list, list, set]:
     """Files the call created or changed: images inline, the rest as links.
     Returns (images, links, sha256 of each inline image)."""
     images, links, digests = [], [], set()
     max_image = ctx.session.manager.executor.max_image_bytes
-    for path in _changes(before, after):
-        size = after[path][0]
-        if is_image(path) and size <= max_image:
+    for c in changes:
+        if is_image(c.path) and c.size <= max_image:
             try:
-                blob, _, _ = files.read(path, limit=size)
+                blob, _, _ = files.read(c.path, limit=c.size)
             except FileError:
                 continue
             digests.add(hashlib.sha256(blob).hexdigest())
-            images.append(ctx.image_entry(path, blob, guess_type(path)))
+            images.append(ctx.image_entry(c.path, blob, guess_type(c.path)))
         else:
-            links.append(ctx.file_entry(path, size))
+            links.append(ctx.file_entry(c.path, c.size))
     return images, links, digests
+
+
+def _files_changed(changes: list[Changed]) -> dict:
+    """The exact count and total size of what a call changed, however long the lists shown."""
+    return {"count": len(changes), "bytes": sum(c.size for c in changes)}
 
 
 async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
     s = ctx.session
     kernel, new_kernel = await s.kernel_for_code()   # new_kernel: the notice owed when the kernel is new
     files = s.files
-    before = files.snapshot()
-    outcome = await s.manager.executor.run(kernel, code, timeout, progress=ctx.progress)
-    s.touch()
-    after = files.snapshot()
+    tracker = s.changes
+    rec = tracker.begin()
+    try:
+        outcome = await s.manager.executor.run(kernel, code, timeout, progress=ctx.progress)
+    finally:
+        s.touch()
+        changes = tracker.end(rec)
     # Image files the code saved (savefig) or changed.
-    images, links, seen = _changed_files(ctx, files, before, after)
+    images, links, seen = _changed_files(ctx, files, changes)
     saved_images = {img["path"]: img for img in images}
     shown: dict[int, dict | None] = {}    # id(output) -> the image entry it shows, for the markdown's order
     shown_digests: dict[str, dict] = {}
@@ -338,6 +342,7 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
         "duration_ms": outcome.duration_ms, "notice": " ".join(filter(None, (new_kernel, outcome.notice.strip()))),
         "truncated": outcome.truncated,
         "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs, "_shown": shown,
+        "files_changed": _files_changed(changes),
     }
 
 
@@ -403,20 +408,24 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
     if INSTALL_RE.search(cmd):
         result = {"status": "error", "stdout": "", "stderr": "", "exit_code": None, "files": [], "images": [],
                   "error": {"ename": "PackageInstallationUnavailable", "evalue": PACKAGE_MESSAGE, "traceback": ""},
+                  "files_changed": {"count": 0, "bytes": 0},
                   "duration_ms": 0, "notice": "", "truncated": {}}
         return result
     s = ctx.session
     async with s.lock:
         await s.ensure_kernel()      # the kernel's uid owns /mnt/data; the shell runs as that uid
         files = s.files
-        before = files.snapshot()
-        settings = s.kernel.provisioner
-        r = await run_shell(cmd, s.data_dir, settings, timeout=args["timeoutSeconds"],
-                            output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings),
-                            progress=ctx.progress)
-        s.touch()
-        after = files.snapshot()
-    images, links, _ = _changed_files(ctx, files, before, after)
+        tracker = s.changes
+        rec = tracker.begin()
+        try:
+            settings = s.kernel.provisioner
+            r = await run_shell(cmd, s.data_dir, settings, timeout=args["timeoutSeconds"],
+                                output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings),
+                                progress=ctx.progress)
+        finally:
+            s.touch()
+            changes = tracker.end(rec)
+    images, links, _ = _changed_files(ctx, files, changes)
     notice = ""
     status = "success" if r.exit_code == 0 else "error"
     error = None
@@ -434,7 +443,8 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
     if r.truncated:
         stdout += "\n[output truncated]\n"
     return {"status": status, "stdout": stdout, "stderr": stderr, "exit_code": r.exit_code, "error": error,
-            "images": images, "files": links, "duration_ms": r.duration_ms, "notice": notice,
+            "images": images, "files": links, "files_changed": _files_changed(changes),
+            "duration_ms": r.duration_ms, "notice": notice,
             "truncated": {"output": True} if r.truncated else {}, "explanation": args.get("explanation")}
 
 
