@@ -281,7 +281,11 @@ class Progress:
                     raw = raw.replace("\n", "")
                     size = len(raw) * 3 // 4 - raw[-2:].count("=")
                     if size <= self.max_image:
-                        self.emit({"type": "image", "mime": mime, "size": size, "data": raw})
+                        ev = {"type": "image", "mime": mime, "size": size, "data": raw}
+                        saved = c.get("metadata", {}).get("broker_saved_as")
+                        if isinstance(saved, list) and saved:
+                            ev["saved_as"] = saved     # a figure saved with savefig and left open
+                        self.emit(ev)
                         return
             self.emit({"type": "display", "kind": "execute_result" if t == "execute_result" else "display_data",
                        "mimes": sorted(data), "text": data.get("text/plain", "")})

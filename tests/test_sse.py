@@ -148,6 +148,15 @@ def test_images_displays_and_exceptions_are_events(sbroker, sid):
     assert len(result["images"]) == 1
 
 
+
+def test_a_figure_saved_and_left_open_is_an_image_event_naming_the_file(sbroker, sid):
+    code = "import matplotlib.pyplot as plt\nplt.plot([3, 1]); plt.savefig('/mnt/data/left-open.png')"
+    r, events = stream(sbroker, sid, "ExecutePythonCode", {"pythonCode": code})
+    images = only(events, "image")
+    assert len(images) == 1 and images[0]["data"]["saved_as"] == ["/mnt/data/left-open.png"]
+    result = events[-1]["data"]
+    assert [i["path"] for i in result["images"]] == ["/mnt/data/left-open.png"]
+
 def test_a_quiet_stream_gets_keep_alive_comments(sbroker, sid):
     r, events = stream(sbroker, sid, "ExecutePythonCode", {"pythonCode": "import time; time.sleep(3.5)"})
     comments = only(events, ":comment")

@@ -82,7 +82,8 @@ class RunApp(ClientApp):
         elif ev.type == "display" and ev.data.get("text"):
             print(ev.data["text"], flush=True)
         elif ev.type == "image":
-            print(f"[{ev.data.get('mime', 'image')}, {human_size(ev.data.get('size'))}]", flush=True)
+            # On stderr with the other links and notes: stdout stays the code's own output.
+            print(f"[{ev.data.get('mime', 'image')}, {human_size(ev.data.get('size'))}]", file=sys.stderr, flush=True)
 
     def show(self, r: ToolResult, streamed: bool) -> None:
         if not streamed:
