@@ -30,14 +30,25 @@ def meta(broker, sid: str) -> dict:
         return json.load(fh)
 
 
+def launchers(broker, sid: str) -> list[psutil.Process]:
+    """The broker's children that launch the session's sandbox (their arguments name the session)."""
+    found = []
+    for child in psutil.Process(broker.proc.pid).children():
+        try:
+            if any(sid in arg for arg in child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 def kernel_processes(broker, sid: str) -> list[psutil.Process]:
     """The session's kernel: below the broker's sandbox child whose
     arguments name the session."""
     procs = []
-    for child in psutil.Process(broker.proc.pid).children():
+    for child in launchers(broker, sid):
         try:
-            if any(sid in arg for arg in child.cmdline()):
-                procs += child.children(recursive=True)
+            procs += child.children(recursive=True)
         except psutil.NoSuchProcess:
             continue
     found = []
@@ -60,6 +71,18 @@ def kill_kernel(broker, sid: str) -> None:
         except psutil.NoSuchProcess:
             pass
     psutil.wait_procs(kernels, timeout=10)
+    # The kernel is gone for the broker once its launcher (the broker's own
+    # child, outside the sandbox) has exited too: bwrap follows its pid 1 a
+    # moment later.  Until then the next call could still find it "alive".
+    deadline = time.monotonic() + 10
+    for launcher in launchers(broker, sid):
+        while time.monotonic() < deadline:
+            try:
+                if launcher.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.02)
 
 
 def test_new_session_and_pooled_preload_give_no_notice(broker, session):
