@@ -11,7 +11,7 @@ SHELL_TOOLS := awk:mawk which:debianutils file:file jq:jq sqlite3:sqlite3 zip:zi
 	sed:sed grep:grep find:findutils xargs:findutils sort:coreutils
 PYTEST_ARGS ?=
 
-.PHONY: run test install system-deps kernelspec bench bench-quick clean
+.PHONY: run test install system-deps kernelspec bench bench-quick reliability clean
 
 run: install
 	$(BIN)/broker serve
@@ -58,6 +58,13 @@ $(STAMP): setup.cfg pyproject.toml
 
 kernelspec: install
 	$(BIN)/broker kernelspec install --sys-prefix
+
+# Fault, load and bad-input tests, short and long versions; their figures
+# become the table of docs/reliability.md.
+reliability: install
+	rm -f .reliability-figures.jsonl
+	BROKER_FIGURES_FILE=$(CURDIR)/.reliability-figures.jsonl $(BIN)/python -m pytest -m "reliability or long" $(PYTEST_ARGS)
+	$(BIN)/python -m tests.reliability_doc .reliability-figures.jsonl docs/reliability.md
 
 bench: install
 	$(BIN)/python bench/run_all.py
