@@ -23,8 +23,10 @@ install: system-deps $(STAMP)
 
 # The sandbox needs bubblewrap (Debian package `bubblewrap`), libseccomp and,
 # as root, util-linux and e2fsprogs; the shell sandbox's toolbox needs the
-# SHELL_TOOLS packages.  As root we install them; otherwise we say exactly what
-# to run.
+# SHELL_TOOLS packages; the page's browser tests (tests/test_page.py) need
+# Debian's chromium (driven by Playwright, which never downloads a browser).
+# As root we install them; otherwise we say exactly what to run (chromium only
+# gets a note: without it the browser tests skip and say why).
 system-deps:
 	@missing=""; \
 	for pair in $(SHELL_TOOLS); do \
@@ -35,6 +37,10 @@ system-deps:
 	ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] || missing="$$missing libseccomp2"; \
 	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
 	command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
+	if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then missing="$$missing chromium"; \
+	  else echo "note: /usr/bin/chromium is missing, so the page's browser tests will be skipped (sudo apt-get install -y chromium)"; fi; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing system packages:$$missing"; \

@@ -266,14 +266,13 @@ def make_web_app(state):
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
     from tornado import web
 
-    from broker.web import aca, files, kernels, mcp, openapi, sessions
+    from broker.web import aca, files, kernels, mcp, openapi, page, sessions
     from broker.web.base import NotFoundHandler
-    from broker.web.root import RootHandler
 
-    handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
+    handlers = [*page.routes, *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
                 *mcp.routes(state)]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
-    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
+    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler, ws_tickets=page.WsTickets(),
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
                            compress_response=False)
 

@@ -184,13 +184,20 @@ class ChannelsHandler(websocket.WebSocketHandler):
         return self.settings["broker"]
 
     def get_current_user(self):
-        return self.state.auth.owner_for(self.request.headers.get("Authorization"))
+        owner = self.state.auth.owner_for(self.request.headers.get("Authorization"))
+        if owner is None and "ws_tickets" in self.settings:
+            # Browsers cannot set headers on a WebSocket: the page brings a
+            # single-use ticket from POST /api/sessions/{id}/ws-ticket instead.
+            owner = self.settings["ws_tickets"].redeem(self.get_query_argument("ticket", ""),
+                                                       self.path_kwargs.get("sid", ""))
+        return owner
 
     async def get(self, sid):
         owner = self.current_user
         if owner is None:
             self.set_status(401)
-            self.finish(json.dumps({"message": "missing or wrong token: send 'Authorization: Bearer <token>'",
+            self.finish(json.dumps({"message": "missing or wrong token: send 'Authorization: Bearer <token>' "
+                                               "(or ?ticket= from POST /api/sessions/{id}/ws-ticket)",
                                     "reason": "unauthorized"}))
             return
         s = self.state.sessions.sessions.get(sid)
