@@ -189,6 +189,9 @@ for (const b of document.querySelectorAll("[role=tab]")) b.addEventListener("cli
 function addCell(code = "") {
   const prompt = el("span", { className: "prompt", textContent: "In [ ]:" });
   const input = el("textarea", { className: "code", rows: 3, spellcheck: false, value: code });
+  const fit = () => { input.rows = Math.min(30, Math.max(3, input.value.split("\n").length)); };
+  input.addEventListener("input", fit);
+  fit();
   const outputs = el("div", { className: "outputs" });
   const area = new OutputArea(outputs);
   const cell = el("div", { className: "cell" });

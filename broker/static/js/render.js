@@ -57,7 +57,6 @@ function htmlFrame(html) {
   f.className = "html-output";
   f.setAttribute("sandbox", "");            // no scripts, no forms, opaque origin
   f.setAttribute("referrerpolicy", "no-referrer");
-  f.setAttribute("loading", "lazy");
   f.title = "HTML output (sandboxed)";
   f.srcdoc = html;
   return f;
