@@ -12,6 +12,7 @@ Subcommands:
   broker exec CODE            run Python in a session; output as it comes (docs/client.md)
   broker shell COMMAND        run a shell command in a session
   broker files ls|get|put|rm  a session's /mnt/data
+  broker admin sessions|end   every owner's sessions with their resources; end one (admin token)
 """
 
 from __future__ import annotations
@@ -101,6 +102,12 @@ class BrokerState:
         self.signer = signer
         self.public_url = public_url
         self.inline_images = inline_images
+        # Set by ServeApp.init_telemetry (None: nothing counted or logged per call).
+        self.metrics = None
+        self.observer = None
+        self.call_log = None
+        self.metrics_auth = "token"
+        self.routes: dict = {}          # handler class -> route patterns (labels for logs and metrics)
 
 
 class ServeApp(Application):
@@ -115,7 +122,9 @@ class ServeApp(Application):
         environment variable. With neither a token nor a tokens_file, a random token is generated and
         printed; the broker is never open.""")
     tokens_file = Unicode("", config=True, help="""JSON file mapping tokens to owners, e.g.
-        {"tok-alice": "alice", "tok-bob": "bob"}. Each session belongs to the owner that made it.""")
+        {"tok-alice": "alice", "tok-ops": {"owner": "ops", "admin": true}}. Each session belongs to the
+        owner that made it; a token with "admin": true also sees and ends every owner's sessions
+        (/api/admin, docs/admin.md).""")
     public_url = Unicode("", config=True, help="""Base URL used in links handed out in results (e.g. when
         behind a proxy). Default: the scheme and host of each request.""")
     inline_images = CaselessStrEnum(["url", "data"], default_value="url", config=True, help="""How tool results
@@ -126,6 +135,17 @@ class ServeApp(Application):
     keyfile = Unicode("", config=True, help="PEM private key of certfile.")
     event_keepalive = Float(15.0, min=0.5, config=True, help="""Seconds of silence after which a tool call's
         event stream (Accept: text/event-stream) sends a keep-alive comment, so proxies keep it open.""")
+    call_log_format = CaselessStrEnum(["human", "json"], default_value="human", config=True, help="""Format of the
+        call log on standard error (one line per HTTP request and per WebSocket execute, plus sandbox
+        refusals and unexpected errors): 'human' (one readable line) or 'json' (one JSON object per line).
+        See docs/logs.md.""")
+    metrics_auth = CaselessStrEnum(["token", "admin", "none"], default_value="token", config=True, help="""Who may
+        read /metrics (Prometheus text format): 'token' (any valid token), 'admin' (a token with the admin
+        role; others get 404) or 'none' (no token needed, e.g. behind a firewall that only lets Prometheus
+        in). See docs/metrics.md.""")
+    metrics_per_session = Bool(False, config=True, help="""Also export each session's memory and CPU on /metrics
+        (labels session and owner). Off by default: every session id becomes a new series in Prometheus;
+        the by-owner totals are always there.""")
 
     @default("token")
     def _default_token(self):
@@ -160,6 +180,7 @@ class ServeApp(Application):
         self.init_auth()
         self.init_sessions()
         self.init_webapp()
+        self.init_telemetry()
 
     def init_limits(self):
         """Each session holds a few dozen descriptors (ZeroMQ sockets, the
@@ -186,21 +207,25 @@ class ServeApp(Application):
             self.exit(1)
 
     def init_auth(self):
-        from broker.web.base import Auth
+        from broker.web.base import Auth, Identity, parse_tokens
 
         tokens = {}
         if self.tokens_file:
             with open(self.tokens_file) as fh:
-                data = json.load(fh)
-            if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-                raise SystemExit(f"{self.tokens_file}: must be a JSON object mapping token strings to owner names")
-            tokens.update(data)
+                try:
+                    data = json.load(fh)
+                except ValueError as exc:
+                    raise SystemExit(f"{self.tokens_file}: not valid JSON: {exc}") from None
+            try:
+                tokens.update(parse_tokens(data, self.tokens_file))
+            except ValueError as exc:
+                raise SystemExit(str(exc)) from None
         if self.token:
-            tokens[self.token] = "default"
+            tokens[self.token] = Identity("default")
         self.generated_token = None
         if not tokens:
             self.generated_token = secrets.token_hex(24)
-            tokens[self.generated_token] = "default"
+            tokens[self.generated_token] = Identity("default")
         self.auth = Auth(tokens)
 
     def init_sessions(self):
@@ -219,6 +244,18 @@ class ServeApp(Application):
         self.state = BrokerState(self.sessions, self.auth, self.signer, self.public_url.rstrip("/"),
                                  self.inline_images, ChannelSettings(parent=self), self.event_keepalive)
         self.web_app = make_web_app(self.state)
+
+    def init_telemetry(self):
+        """Metrics (/metrics) and the call log, hooked into the session
+        manager (kernel starts, tool calls) and every request."""
+        from broker.logs import CallLog
+        from broker.metrics import Metrics, Telemetry
+
+        self.metrics = Metrics(self.sessions, per_session=self.metrics_per_session)
+        self.call_log = CallLog.to_stderr(self.call_log_format.lower())
+        self.state.metrics, self.state.call_log = self.metrics, self.call_log
+        self.state.observer = self.sessions.observer = Telemetry(self.metrics, self.call_log)
+        self.state.metrics_auth = self.metrics_auth.lower()
 
     def ssl_context(self):
         if not self.certfile and not self.keyfile:
@@ -266,13 +303,17 @@ def make_web_app(state):
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
     from tornado import web
 
-    from broker.web import aca, files, kernels, mcp, openapi, page, sessions
-    from broker.web.base import NotFoundHandler
+    from broker.web import aca, admin, files, kernels, mcp, openapi, page, sessions
+    from broker.web.base import NotFoundHandler, log_request, route_table
 
     handlers = [*page.routes, *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
                 *mcp.routes(state)]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
-    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler, ws_tickets=page.WsTickets(),
+    handlers += admin.routes       # /api/whoami, /api/admin/..., /metrics
+    state.routes = route_table(handlers)
+    # log_function: our call log replaces tornado's access log (which prints raw URIs, signed links' too).
+    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler, log_function=log_request,
+                           ws_tickets=page.WsTickets(),
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
                            compress_response=False)
 
@@ -412,6 +453,7 @@ class BrokerApp(Application):
         "exec": ("broker.cli.run.ExecApp", "Run Python in a session, output as it comes."),
         "shell": ("broker.cli.run.ShellApp", "Run a shell command in a session, output as it comes."),
         "files": ("broker.cli.files.FilesApp", "A session's /mnt/data: ls, get, put, rm."),
+        "admin": ("broker.cli.admin.AdminApp", "The operator's view: every owner's sessions, end one (admin token)."),
     }
 
     @property

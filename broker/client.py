@@ -190,6 +190,28 @@ class SessionInfo:
 
 
 @dataclass(frozen=True)
+class WhoAmI:
+    owner: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
+class AdminSession:
+    """One session of any owner, as an admin sees it (docs/admin.md)."""
+    id: str
+    owner: str = ""
+    state: str = ""
+    created: str = ""
+    last_activity: str = ""
+    age_seconds: float = 0.0
+    idle_seconds: float = 0.0
+    memory_bytes: int | None = None     # None: no cgroup (no kernel running, or cgroups off)
+    cpu_seconds: float | None = None
+    disk_bytes: int = 0
+    executing: bool = False
+
+
+@dataclass(frozen=True)
 class FileInfo:
     name: str
     path: str                     # relative to /mnt/data in listings, /mnt/data/... in tool results
@@ -437,6 +459,19 @@ class _Requests:
     def transcript(sid: str) -> _Req:
         return _Req("GET", f"/api/sessions/{_segment(sid)}/transcript", lambda r: r.text)
 
+    @staticmethod
+    def whoami() -> _Req:
+        return _Req("GET", "/api/whoami", lambda r: _build(WhoAmI, r.json()))
+
+    @staticmethod
+    def admin_sessions() -> _Req:
+        return _Req("GET", "/api/admin/sessions",
+                    lambda r: [_build(AdminSession, d) for d in r.json()["sessions"]])
+
+    @staticmethod
+    def admin_end(sid: str) -> _Req:
+        return _Req("DELETE", f"/api/admin/sessions/{_segment(sid)}", lambda r: None)
+
 
 def _http_args(settings: Settings, timeout: float, transport) -> dict:
     kw: dict = {"base_url": settings.url, "timeout": httpx.Timeout(timeout, connect=10.0),
@@ -496,6 +531,18 @@ class Client:
 
     def delete_session(self, sid: str) -> None:
         self._send(_Requests.delete(sid))
+
+    # who am I, and the admin's view (404 NotFound for a token without the admin role)
+    def whoami(self) -> WhoAmI:
+        return self._send(_Requests.whoami())
+
+    def admin_sessions(self) -> list[AdminSession]:
+        """Every session of every owner (admin tokens only)."""
+        return self._send(_Requests.admin_sessions())
+
+    def admin_end_session(self, sid: str) -> None:
+        """End any owner's session (admin tokens only)."""
+        self._send(_Requests.admin_end(sid))
 
     # tool calls
     def call(self, sid: str, tool: str, args: dict, *, on_event: Callable[[Event], None] | None = None,
@@ -668,6 +715,15 @@ class AsyncClient:
 
     async def delete_session(self, sid: str) -> None:
         await self._send(_Requests.delete(sid))
+
+    async def whoami(self) -> WhoAmI:
+        return await self._send(_Requests.whoami())
+
+    async def admin_sessions(self) -> list[AdminSession]:
+        return await self._send(_Requests.admin_sessions())
+
+    async def admin_end_session(self, sid: str) -> None:
+        await self._send(_Requests.admin_end(sid))
 
     async def call(self, sid: str, tool: str, args: dict, *, on_event: Callable[[Event], Any] | None = None,
                    images: str | None = None) -> ToolResult:

@@ -352,7 +352,7 @@ class Executor(LoggingConfigurable):
                            "traceback": ""}
                 o.notice = (f"The kernel died ({reason}) and was restarted: variables and imports are lost; "
                             "files in /mnt/data are kept.")
-                await self._restart(kernel, o)
+                await self._restart(kernel, o, "died")
             else:
                 o.status = "timeout"
                 await kernel.km.interrupt_kernel()
@@ -364,7 +364,7 @@ class Executor(LoggingConfigurable):
                     o.notice = (f"The execution exceeded its timeout of {timeout:g} s and did not stop when "
                                 "interrupted, so the kernel was restarted: variables and imports are lost; "
                                 "files in /mnt/data are kept.")
-                    await self._restart(kernel, o)
+                    await self._restart(kernel, o, "timeout")
                 if o.error is None or o.error.get("ename") == "KeyboardInterrupt":
                     o.error = {"ename": "TimeoutError",
                                "evalue": f"Execution exceeded timeoutSeconds={timeout:g}", "traceback": ""}
@@ -381,10 +381,13 @@ class Executor(LoggingConfigurable):
         col.o.duration_ms = int((time.monotonic() - start) * 1000)
         return col.o
 
-    async def _restart(self, kernel: SessionKernel, o: Outcome) -> None:
+    async def _restart(self, kernel: SessionKernel, o: Outcome, reason: str) -> None:
         try:
             await kernel.restart()
             o.kernel_restarted = True
+            count = getattr(self.parent, "count", None)     # the SessionManager's, for /metrics
+            if count is not None:
+                count("kernel_restarted", reason)
         except Exception as exc:  # the next call will try again
             self.log.error("kernel restart failed: %s", exc)
             o.notice += f" Restarting the kernel failed ({exc}); the next call will try again."

@@ -128,10 +128,11 @@ class Session:
         os.replace(tmp, os.path.join(self.dir, "meta.json"))
 
     # -- kernel -----------------------------------------------------------------
-    async def ensure_kernel(self) -> SessionKernel:
+    async def ensure_kernel(self, reason: str = "restore") -> SessionKernel:
         """The session's kernel, started (or, when it died since the last
         call, restarted).  A new kernel replacing one that had run code
-        leaves a notice for the next code call (:meth:`kernel_for_code`)."""
+        leaves a notice for the next code call (:meth:`kernel_for_code`).
+        *reason* is why a kernel starts here, for /metrics."""
         async with self._start_lock:
             restored = self.kernel is None
             if restored:
@@ -145,10 +146,12 @@ class Session:
                 self._owe_notice("the broker restarted since the last call" if restored else
                                  "the previous kernel stopped and could not be restarted at once")
                 await self.kernel.start()
+                self.manager.count("kernel_started", reason if restored else "retry")
                 self._kernel_replaced()
             elif not await self.kernel.is_alive():
                 self._owe_notice(f"the previous kernel stopped between calls ({self.kernel.death_reason()})")
                 await self.kernel.restart()
+                self.manager.count("kernel_restarted", "died_between_calls")
             return self.kernel
 
     async def kernel_for_code(self) -> tuple[SessionKernel, str]:
@@ -234,6 +237,7 @@ class Session:
         kernel = await self.ensure_kernel()
         self._owe_notice(f"the kernel was restarted through the Jupyter API (/api/kernels/{self.id}/restart)")
         await kernel.restart()
+        self.manager.count("kernel_restarted", "jupyter_api")
 
     async def interrupt_kernel(self) -> None:
         kernel = await self.ensure_kernel()
@@ -332,6 +336,13 @@ class SessionManager(LoggingConfigurable):
         self.transcript_settings = TranscriptSettings(parent=self)
         self.change_tracking = ChangeTracking(parent=self)
         self._cull_task: asyncio.Task | None = None
+        # The service's telemetry (broker.metrics.Telemetry); None in-process.
+        self.observer = None
+
+    def count(self, event: str, reason: str) -> None:
+        """Report a kernel start or restart to the observer, if any."""
+        if self.observer is not None:
+            getattr(self.observer, event)(reason)
 
     # -- lifecycle ----------------------------------------------------------------
     def restore(self) -> int:
@@ -464,7 +475,7 @@ class SessionManager(LoggingConfigurable):
         os.chmod(s.dir, 0o711)
         s.save()
         try:
-            await s.ensure_kernel()
+            await s.ensure_kernel("pool" if not owner else "new")
         except BaseException:
             await s.stop_kernel()
             self._remove_dir(s)

@@ -572,12 +572,22 @@ async def call_tool(ctx: ToolContext, name: str, raw_args, progress=None) -> dic
     from broker.transcripts import now_iso
 
     tool = get_tool(name)
-    args = tool.validate(raw_args)
-    if progress is not None:
-        ctx.progress = _guarded(progress)
-    ctx.session.touch()
-    started = now_iso()
-    result = await HANDLERS[name](ctx, args)
+    observer = ctx.session.manager.observer     # metrics and the call log; None in-process
+    t0 = time.monotonic()
+    try:
+        args = tool.validate(raw_args)
+        if progress is not None:
+            ctx.progress = _guarded(progress)
+        ctx.session.touch()
+        started = now_iso()
+        result = await HANDLERS[name](ctx, args)
+    except BaseException as exc:
+        if observer is not None:
+            outcome = "rejected" if isinstance(exc, Exception) else "cancelled"
+            observer.tool_call(ctx.session, name, outcome, time.monotonic() - t0)
+        raise
+    if observer is not None:
+        observer.tool_call(ctx.session, name, str(result.get("status") or "success"), time.monotonic() - t0, result)
     try:
         record(ctx.session, name, args, result, started, now_iso())
     except Exception:  # the call itself succeeded; a transcript problem must not hide it

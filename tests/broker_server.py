@@ -36,7 +36,7 @@ def free_port() -> int:
 class BrokerProcess:
     """One broker subprocess.  ``url`` is its base URL (no trailing slash)."""
 
-    def __init__(self, workdir: str, *extra: str, tokens: dict[str, str] | None = None,
+    def __init__(self, workdir: str, *extra: str, tokens: dict | None = None,
                  data_root: str | None = None, name: str = "broker", tls: tuple[str, str] | None = None):
         os.makedirs(workdir, exist_ok=True)
         self.workdir = workdir
@@ -46,7 +46,8 @@ class BrokerProcess:
         if tls:
             self.extra += ["--certfile", tls[0], "--keyfile", tls[1]]
         self.tokens = dict(tokens or TOKENS)
-        self.owners = {owner: tok for tok, owner in self.tokens.items()}
+        # An entry is "owner" or {"owner": ..., "admin": true} (docs/admin.md).
+        self.owners = {owner if isinstance(owner, str) else owner["owner"]: tok for tok, owner in self.tokens.items()}
         self.data_root = data_root or os.path.join(workdir, "data")
         self.tokens_file = os.path.join(workdir, "tokens.json")
         with open(self.tokens_file, "w") as fh:

@@ -9,22 +9,66 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
+import re
+import traceback
+from typing import NamedTuple
 
 from tornado import web
 
+from broker import logs
 from broker.errors import BrokerError, InvalidArgument
 from broker.links import Links
 
 
-class Auth:
-    """Tokens to owners.  Comparison is constant-time over every token."""
+class Identity(NamedTuple):
+    """Who a token speaks for: an owner, and whether it may see every owner's sessions."""
+    owner: str
+    admin: bool = False
 
-    def __init__(self, tokens: dict[str, str]):
+
+def parse_tokens(data, source: str) -> dict[str, Identity]:
+    """A tokens file's JSON: each entry is ``"token": "owner"`` or
+    ``"token": {"owner": "name", "admin": true}``.  A bad entry is named by
+    its position and owner, never by its token (the message may be logged)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: must be a JSON object mapping tokens to owners, e.g. "
+                         '{"tok-alice": "alice", "tok-ops": {"owner": "ops", "admin": true}}')
+    allowed = 'an owner name (a non-empty string) or {"owner": "name", "admin": true|false}'
+    out: dict[str, Identity] = {}
+    for n, (token, value) in enumerate(data.items(), 1):
+        where = f"{source}: entry {n}"
+        if not token.strip():
+            raise ValueError(f"{where}: the token is empty; a token must be a non-empty string")
+        if isinstance(value, str) and value:
+            out[token] = Identity(value)
+            continue
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: the value is {json.dumps(value)[:60]}; it must be {allowed}")
+        owner = value.get("owner")
+        where += f" (owner {owner!r})" if isinstance(owner, str) else ""
+        unknown = sorted(set(value) - {"owner", "admin"})
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; the keys allowed are "
+                             "'owner' and 'admin'")
+        if not isinstance(owner, str) or not owner:
+            raise ValueError(f"{where}: 'owner' must be a non-empty string (the owner's name)")
+        admin = value.get("admin", False)
+        if not isinstance(admin, bool):
+            raise ValueError(f"{where}: 'admin' is {json.dumps(admin)[:40]}; it must be true or false")
+        out[token] = Identity(owner, admin)
+    return out
+
+
+class Auth:
+    """Tokens to identities (owner, admin).  Comparison is constant-time over every token."""
+
+    def __init__(self, tokens: dict[str, str | Identity]):
         if not tokens:
             raise ValueError("at least one token is required; the broker is never open")
-        self.tokens = tokens
+        self.tokens = {t: v if isinstance(v, Identity) else Identity(v) for t, v in tokens.items()}
 
-    def owner_for(self, header: str | None) -> str | None:
+    def identify(self, header: str | None) -> Identity | None:
         if not header:
             return None
         scheme, _, value = header.strip().partition(" ")
@@ -32,10 +76,14 @@ class Auth:
             return None
         given = value.strip().encode()
         found = None
-        for token, owner in self.tokens.items():
+        for token, who in self.tokens.items():
             if hmac.compare_digest(token.encode(), given):
-                found = owner
+                found = who
         return found
+
+    def owner_for(self, header: str | None) -> str | None:
+        who = self.identify(header)
+        return who.owner if who is not None else None
 
 
 def error_body(e: BrokerError) -> dict:
@@ -68,9 +116,17 @@ class BaseHandler(web.RequestHandler):
         self.set_header("Cache-Control", "no-store")
 
     def get_current_user(self):
-        return self.state.auth.owner_for(self.request.headers.get("Authorization"))
+        who = self.state.auth.identify(self.request.headers.get("Authorization"))
+        self.identity = who
+        return who.owner if who is not None else None
+
+    @property
+    def is_admin(self) -> bool:
+        """The caller's token carries the admin role (tokens file)."""
+        return self.current_user is not None and self.identity.admin
 
     def prepare(self):
+        self.call_facts = logs.begin_call()
         if self.current_user is None and not (self.allow_signed and self.signed_ok()):
             raise BrokerErrorWithStatus(401, "unauthorized",
                                         "missing or wrong token: send 'Authorization: Bearer <token>'")
@@ -95,7 +151,26 @@ class BaseHandler(web.RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(obj))
 
+    def flush(self, include_footers: bool = False):
+        # Response bytes for the call log and /metrics (tornado keeps no count).
+        self.bytes_sent = getattr(self, "bytes_sent", 0) + sum(len(c) for c in self._write_buffer)
+        return super().flush(include_footers)
+
     # -- errors --------------------------------------------------------------
+    def log_exception(self, typ, value, tb):
+        """An unexpected exception: one ``error`` line with the traceback, on
+        the call log (tornado's own would print the raw URI, query string
+        and all)."""
+        if isinstance(value, web.HTTPError) or (isinstance(value, BrokerError) and value.status < 500):
+            return
+        call_log = getattr(self.state, "call_log", None)
+        text = "".join(traceback.format_exception(typ, value, tb))
+        if call_log is None:
+            logging.getLogger("broker").error("unexpected error in %s %s\n%s", self.request.method,
+                                              route_of(self), text)
+            return
+        call_log.error(call_fields(self), text)
+
     def _handle_request_exception(self, e):
         if isinstance(e, BrokerError):
             if self._finished:
@@ -131,3 +206,76 @@ class BrokerErrorWithStatus(BrokerError):
 class NotFoundHandler(BaseHandler):
     def prepare(self):
         raise BrokerErrorWithStatus(404, "not_found", f"no such endpoint: {self.request.method} {self.request.path}")
+
+
+# -- the call log and metrics of every request ----------------------------------
+
+_GROUP = re.compile(r"\(\?P<(\w+)>[^()]*(?:\([^()]*\)[^()]*)*\)")
+
+
+def route_label(pattern: str) -> str:
+    """A route regex as a bounded label: ``/api/sessions/{sid}/tools/{name}``."""
+    text = _GROUP.sub(lambda m: "{" + m.group(1) + "}", pattern)
+    for tail in ("/?$", "/?", "$"):
+        if text.endswith(tail):
+            text = text[: -len(tail)]
+    return text.lstrip("^") or "/"
+
+
+def route_table(rules) -> dict:
+    """Handler class -> [(compiled pattern, label)] from an application's route list."""
+    table: dict = {}
+    for rule in rules:
+        pattern, cls = rule[0], rule[1]
+        table.setdefault(cls, []).append((re.compile(pattern if pattern.endswith("$") else pattern + "$"),
+                                          route_label(pattern)))
+    return table
+
+
+def route_of(handler) -> str:
+    """The route pattern that served *handler* (``(unmatched)`` for the 404 of no route)."""
+    routes = getattr(handler.settings.get("broker"), "routes", None) or {}
+    entries = routes.get(type(handler))
+    if not entries:
+        return "(unmatched)"
+    if len(entries) == 1:
+        return entries[0][1]
+    for rx, label in entries:
+        if rx.match(handler.request.path):
+            return label
+    return entries[0][1]
+
+
+def call_fields(handler) -> dict:
+    """The facts of one request for its log line: never its query string,
+    headers or body."""
+    facts = getattr(handler, "call_facts", None) or {}
+    kwargs = handler.path_kwargs or {}
+    who = getattr(handler, "identity", None)
+    request = handler.request
+    try:
+        bytes_in = len(request.body) if request.body else int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        bytes_in = 0
+    return {"method": request.method, "endpoint": route_of(handler), "status": handler.get_status(),
+            "duration_ms": round(request.request_time() * 1000, 1),
+            "session": facts.get("session") or kwargs.get("sid"),
+            "owner": who.owner if who is not None else None,
+            "tool": facts.get("tool"), "outcome": facts.get("outcome"),
+            "bytes_in": bytes_in, "bytes_out": getattr(handler, "bytes_sent", 0)}
+
+
+def log_request(handler) -> None:
+    """The application's log_function: one call-log line and the metrics of
+    every finished request (every handler, WebSocket upgrades included)."""
+    state = handler.settings.get("broker")
+    call_log = getattr(state, "call_log", None)
+    observer = getattr(state, "observer", None)
+    if call_log is None and observer is None:
+        return
+    fields = call_fields(handler)
+    if observer is not None:
+        observer.http_request(fields["method"], fields["endpoint"], fields["status"],
+                              fields["duration_ms"] / 1000, fields["bytes_in"], fields["bytes_out"])
+    if call_log is not None:
+        call_log.call(**fields)

@@ -9,13 +9,14 @@ import datetime
 import json
 import os
 import struct
+import time
 
 from tornado import websocket
 
 from broker.channels import ChannelConnection, KernelMessage
 from broker.errors import InvalidArgument, NotFound
 from broker.execution import SANDBOX_KERNEL, BrokerKernelSpecManager
-from broker.web.base import BaseHandler
+from broker.web.base import BaseHandler, Identity
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -184,13 +185,15 @@ class ChannelsHandler(websocket.WebSocketHandler):
         return self.settings["broker"]
 
     def get_current_user(self):
-        owner = self.state.auth.owner_for(self.request.headers.get("Authorization"))
-        if owner is None and "ws_tickets" in self.settings:
+        who = self.state.auth.identify(self.request.headers.get("Authorization"))
+        if who is None and "ws_tickets" in self.settings:
             # Browsers cannot set headers on a WebSocket: the page brings a
             # single-use ticket from POST /api/sessions/{id}/ws-ticket instead.
             owner = self.settings["ws_tickets"].redeem(self.get_query_argument("ticket", ""),
                                                        self.path_kwargs.get("sid", ""))
-        return owner
+            who = Identity(owner) if owner else None
+        self.identity = who
+        return who.owner if who is not None else None
 
     async def get(self, sid):
         owner = self.current_user
@@ -248,6 +251,8 @@ class ChannelsHandler(websocket.WebSocketHandler):
                              "connection with this session_id")
 
     def _deliver(self, msg: KernelMessage) -> None:
+        if self.pending and msg.channel == "shell" and msg.msg_type == "execute_reply":
+            self._executed(msg)
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
         try:
@@ -267,12 +272,36 @@ class ChannelsHandler(websocket.WebSocketHandler):
                 channel, parts = decode_v1(message)
             else:
                 channel, parts = decode_legacy(message)
+            if channel == "shell" and self.state.call_log is not None:
+                self._track(parts)
             self.conn.send(channel, parts, self.links)
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             self.closed_by_us = True
             self.close(1008, f"malformed message: {str(exc)[:100]}")
             return
         self.session.touch()
+
+    # -- the call log: one line per execute_request, at its reply -------------------
+    pending: dict | None = None
+
+    def _track(self, parts: list) -> None:
+        header = json.loads(parts[0])
+        if header.get("msg_type") == "execute_request" and len(self.pending or ()) < 1000:
+            if self.pending is None:
+                self.pending = {}
+            self.pending[header.get("msg_id")] = (time.monotonic(), sum(len(p) for p in parts))
+
+    def _executed(self, msg: KernelMessage) -> None:
+        started = self.pending.pop(msg.parent_id, None)
+        if started is None:
+            return
+        seconds = time.monotonic() - started[0]
+        outcome = str(msg.content().get("status") or "")
+        if self.state.observer is not None:
+            self.state.observer.ws_execute(outcome, seconds)
+        self.state.call_log.ws_execute(method="WS", endpoint="/api/kernels/{sid}/channels", status="execute_reply",
+                                       duration_ms=round(seconds * 1000, 1), session=self.session.id,
+                                       owner=self.session.owner, outcome=outcome, bytes_in=started[1])
 
     def on_close(self):
         conn = getattr(self, "conn", None)

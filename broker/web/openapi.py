@@ -129,6 +129,50 @@ def document() -> dict:
             "full": {"type": "string", "nullable": True,
                      "description": "Where the whole text is when it was cut (/mnt/data/outputs/...)"}}},
     }
+    admin_404 = {"404": _resp("Not found: also the answer to a token without the admin role", ERROR)}
+    paths["/api/whoami"] = {"get": {"summary": "The caller's owner name and whether its token has the admin role",
+                                    "responses": {"200": _resp("Who the token speaks for",
+                                                               {"$ref": "#/components/schemas/WhoAmI"}),
+                                                  **_errors(401)}}}
+    paths["/api/admin/sessions"] = {"get": {
+        "summary": "Every session of every owner, with its resources (admin tokens only; docs/admin.md)",
+        "responses": {"200": _resp("Sessions", {"type": "object", "required": ["sessions"], "properties": {
+            "sessions": {"type": "array", "items": {"$ref": "#/components/schemas/AdminSession"}},
+            "pooled": {"type": "integer", "description": "Kernels waiting in the warm pool (nobody's yet)"}}}),
+                      **_errors(401), **admin_404}}}
+    paths["/api/admin/sessions/{id}"] = {
+        "parameters": [sid],
+        "get": {"summary": "One session of any owner, with its resources (admin tokens only)",
+                "responses": {"200": _resp("Session", {"$ref": "#/components/schemas/AdminSession"}),
+                              **_errors(401), **admin_404}},
+        "delete": {"summary": "End a session of any owner: its kernel stops and its files are deleted "
+                              "(admin tokens only)",
+                   "responses": {"204": _resp("Ended"), **_errors(401), **admin_404}}}
+    paths["/metrics"] = {"get": {
+        "summary": "Metrics in the Prometheus text format (docs/metrics.md); who may read them is "
+                   "ServeApp.metrics_auth (default: any token)",
+        "responses": {"200": _resp("Prometheus text exposition format 0.0.4", {"type": "string"}, "text/plain"),
+                      **_errors(401), "404": _resp("With ServeApp.metrics_auth=admin: a token without the "
+                                                   "admin role", ERROR)}}}
+    schemas["WhoAmI"] = {"type": "object", "required": ["owner", "admin"], "properties": {
+        "owner": {"type": "string"}, "admin": {"type": "boolean"}}}
+    schemas["AdminSession"] = {
+        "type": "object",
+        "required": ["id", "owner", "state", "created", "age_seconds", "idle_seconds", "memory_bytes", "cpu_seconds",
+                     "disk_bytes", "executing"],
+        "properties": {
+            "id": {"type": "string"}, "owner": {"type": "string"},
+            "state": {"type": "string", "enum": ["idle", "busy", "stopped"]},
+            "created": {"type": "string", "format": "date-time"},
+            "last_activity": {"type": "string", "format": "date-time"},
+            "age_seconds": {"type": "number"}, "idle_seconds": {"type": "number"},
+            "memory_bytes": {"type": "integer", "nullable": True,
+                             "description": "Memory charged to the session's cgroups (kernel and shell); null "
+                                            "without a cgroup (kernel not running, or cgroups off)"},
+            "cpu_seconds": {"type": "number", "nullable": True,
+                            "description": "CPU time of the session's sandboxes (see docs/admin.md)"},
+            "disk_bytes": {"type": "integer", "description": "Bytes allocated to the files in /mnt/data"},
+            "executing": {"type": "boolean", "description": "Code is running now (REST call or WebSocket cell)"}}}
     for name, tool in TOOLS.items():
         schemas[name] = tool.input_schema()
         paths[f"/api/sessions/{{id}}/tools/{name}"] = {
