@@ -36,9 +36,15 @@ CSP_MUST = ["default-src 'self'", "script-src 'self'", "object-src 'none'", "fra
             "base-uri 'none'"]
 
 
+ADMIN_TOKEN = "tok-page-ops"
+
+
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
     b = BrokerProcess(str(tmp_path_factory.mktemp("page-broker")), "--SessionManager.pool_size=1")
+    tokens = dict(b.tokens, **{ADMIN_TOKEN: {"owner": "ops", "admin": True}})   # the admin role (docs/admin.md)
+    with open(b.tokens_file, "w") as fh:
+        json.dump(tokens, fh)
     b.start()
     yield b
     b.stop()
@@ -341,4 +347,27 @@ def test_admin_panel_hidden_for_non_admins_and_session_delete(page, broker, shot
     page.click("#signout")
     expect(page.locator("#signin")).to_be_visible()
     assert page.evaluate("sessionStorage.getItem('broker.token')") is None
+    assert not page.errors, page.errors
+
+
+def test_admin_sees_and_ends_every_owners_sessions(page, broker, shots):
+    bobs = broker.create_session("bob")
+    sign_in(page, ADMIN_TOKEN)
+    expect(page.locator("#whoami")).to_have_text("ops (admin)")
+    expect(page.locator("#admin")).to_be_visible()
+    row = page.locator(f"#admin-table tr[data-id='{bobs}']")
+    expect(row).to_contain_text("bob")
+    # the admin's own session, with a chart, next to the operator's view (the screenshot in docs/page.md)
+    page.click("#new-session")
+    expect(page.locator("#kernel-status")).to_have_text("idle")
+    cell = run_cell(page, "import matplotlib.pyplot as plt\nimport numpy as np\nx = np.linspace(0, 6, 200)\n"
+                          "print('mean of sin(x):', np.sin(x).mean().round(3))\n"
+                          "plt.figure(figsize=(6, 3)); plt.plot(x, np.sin(x)); plt.title('sin(x)'); plt.show()")
+    expect(cell.locator("img.image-output")).to_be_visible()
+    page.click("#admin-refresh")
+    expect(page.locator("#admin-table tbody tr")).to_have_count(2)
+    snap(page, shots, "08-admin")
+    row.locator("button.end").click()
+    expect(row).to_have_count(0)
+    assert broker.get(f"/api/sessions/{bobs}", owner="bob").status_code == 404
     assert not page.errors, page.errors

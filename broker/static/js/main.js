@@ -136,6 +136,7 @@ function closeSession() {
   state.kernel = null;
   state.current = null;
   $("session").hidden = true;
+  setStatus("disconnected");
 }
 
 function setStatus(s) {
