@@ -18,6 +18,7 @@ import pytest
 import requests
 import websocket
 
+from broker.web.page import WsTickets
 from tests.broker_server import BrokerProcess
 
 CHROMIUM = "/usr/bin/chromium"
@@ -187,9 +188,27 @@ def test_cant_open_the_kernel_socket_with_a_used_foreign_or_missing_ticket(broke
         # a ticket is never needed with the header, and the header still works
         ws = _ws(broker, sid, header=[f"Authorization: Bearer {broker.owners['alice']}"])
         ws.close()
+        # tickets are not written to the broker's log (a URL's query string never is)
+        log = open(broker.log_path, errors="replace").read()
+        assert t["ticket"] not in log and bob_t not in log
     finally:
         broker.delete_session(sid)
         broker.delete_session(other, "bob")
+
+
+def test_cant_use_an_expired_ticket():
+    now = [1000.0]
+    tickets = WsTickets(ttl=30, clock=lambda: now[0])
+    t = tickets.issue("s1", "alice")
+    now[0] += 31
+    assert tickets.redeem(t, "s1") is None
+    t = tickets.issue("s1", "alice")
+    now[0] += 29
+    assert tickets.redeem(t, "s2") is None          # bound to its session, and used up by the try
+    assert tickets.redeem(t, "s1") is None
+    t = tickets.issue("s1", "alice")
+    assert tickets.redeem(t, "s1") == "alice"
+    assert tickets.redeem(t, "s1") is None
 
 
 # -- the page in chromium ---------------------------------------------------------------------
@@ -214,7 +233,7 @@ def test_notebook_streams_output_images_errors_and_counts(page, broker, shots):
     assert sid in broker.get("/api/sessions").text
     # streaming: the first line shows before the cell finishes
     cell = last_cell(page)
-    cell.locator("textarea").fill("import time\nprint('first', flush=True)\ntime.sleep(3)\nprint('second')")
+    cell.locator("textarea").fill("import time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')")
     cell.locator("button.run").click()
     expect(cell.locator(".outputs")).to_contain_text("first", timeout=30_000)
     assert "second" not in cell.locator(".outputs").inner_text()
