@@ -32,6 +32,8 @@ if not os.path.exists(CHROMIUM):
 
 from playwright.sync_api import expect, sync_playwright  # noqa: E402  (after the skip: only with chromium)
 
+expect.set_options(timeout=30_000)   # a loaded machine: kernels and shells answer in seconds, not 5 s
+
 PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 CSP_MUST = ["default-src 'self'", "script-src 'self'", "object-src 'none'", "frame-ancestors 'none'",
             "base-uri 'none'"]
@@ -283,6 +285,18 @@ def test_cant_run_script_from_an_html_output_in_the_page(page, broker, shots):
     cell = run_cell(page, "print(6 * 7)")
     expect(cell.locator(".outputs")).to_have_text("42")
     snap(page, shots, "04-html-sandboxed")
+
+
+def test_interrupt_stops_a_running_cell(page):
+    cell = last_cell(page)
+    cell.locator("textarea").fill("import time\nprint('sleeping', flush=True)\ntime.sleep(120)")
+    cell.locator("button.run").click()
+    expect(cell.locator(".outputs")).to_contain_text("sleeping", timeout=30_000)
+    page.click("#interrupt")
+    expect(cell).to_have_attribute("data-state", "error", timeout=30_000)
+    expect(cell.locator("pre.error")).to_contain_text("KeyboardInterrupt")
+    cell = run_cell(page, "print('still here')")
+    expect(cell.locator(".outputs")).to_have_text("still here")
 
 
 def test_shell_command(page, shots):

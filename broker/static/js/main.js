@@ -197,7 +197,12 @@ function addCell(code = "") {
   const area = new OutputArea(outputs);
   const cell = el("div", { className: "cell" });
   const run = async () => {
-    if (!state.kernel) throw new Error("not connected to a kernel");
+    if (!state.kernel) throw new Error("open a session first");
+    if (!state.kernel.ws) {
+      // Dropped (broker restarted, network): a fresh ticket, the same client session.
+      setStatus("connecting");
+      await state.kernel.connect();
+    }
     area.clear();
     prompt.textContent = "In [*]:";
     cell.dataset.state = "running";
