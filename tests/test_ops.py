@@ -25,7 +25,9 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
 from broker.logs import CallLog
-from broker.web.base import Auth, BaseHandler, log_request, route_table
+from broker.metrics import Metrics
+from broker.web import admin
+from broker.web.base import Auth, BaseHandler, Identity, log_request, route_table
 from tests.broker_server import BROKER_BIN, BrokerProcess
 from tests.gateway_helpers import KernelWS
 
@@ -84,7 +86,8 @@ def test_whoami_says_owner_and_role(broker):
     assert broker.get("/api/whoami", owner=None).status_code == 401
 
 
-def test_non_admin_gets_404_on_admin_endpoints_and_never_sees_another_owners_session(broker, sessions):
+def test_cant_reach_admin_endpoints_or_other_owners_sessions_without_admin_role(broker, sessions):
+    """A non-admin token gets 404 on the admin endpoints and never sees another owner's session."""
     bob = sessions["bob"]
     unknown = broker.get("/api/no-such-endpoint", owner="alice")
     assert unknown.status_code == 404
@@ -251,7 +254,8 @@ def test_call_log_lines_carry_the_fields_and_no_secrets(broker, sessions):
 @pytest.fixture(scope="module")
 def json_broker(tmp_path_factory):
     b = BrokerProcess(str(tmp_path_factory.mktemp("ops-json")), "--SessionManager.pool_size=0",
-                      "--ServeApp.call_log_format=json", "--ServeApp.metrics_auth=none", tokens=TOKENS)
+                      "--ServeApp.call_log_format=json", "--ServeApp.metrics_auth=none",
+                      "--ServeApp.metrics_per_session=True", tokens=TOKENS)
     b.start()
     yield b
     b.stop()
@@ -289,6 +293,9 @@ def test_json_call_log_and_open_metrics(json_broker):
     w = ws_lines[-1]
     assert w["owner"] == "bob" and w["outcome"] == "ok" and w["duration_ms"] > 0
     assert w["endpoint"] == "/api/kernels/{sid}/channels"
+    per_session = samples(b.get("/metrics", owner=None).text)
+    assert value(per_session, "broker_session_memory_bytes", session=sid, owner="bob") > 0
+    assert value(per_session, "broker_session_cpu_seconds", session=sid, owner="bob") > 0
     opened = [r for r in recs if r["kind"] == "http" and r["endpoint"] == "/metrics"]
     assert opened and "owner" not in opened[0]
     with open(b.log_path, errors="replace") as fh:
@@ -349,3 +356,23 @@ def test_unexpected_error_is_logged_with_traceback_and_no_secrets():
     assert http["status"] == 500
     text = "\n".join(lines.lines)
     assert "tok-secret-1" not in text and "signed-secret" not in text
+
+
+def test_metrics_for_admins_only_when_the_setting_says_so():
+    """ServeApp.metrics_auth=admin: other tokens get 404, like the admin endpoints."""
+    state = SimpleNamespace(auth=Auth({"tok-a": "alice", "tok-o": Identity("ops", True)}), call_log=None,
+                            observer=None, metrics=Metrics(None), metrics_auth="admin", routes={})
+
+    async def main():
+        app = web.Application(admin.routes, broker=state)
+        sock, = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        try:
+            return [(await AsyncHTTPClient().fetch(url, raise_error=False, headers=h)).code
+                    for h in ({}, {"Authorization": "Bearer tok-a"}, {"Authorization": "Bearer tok-o"})]
+        finally:
+            server.stop()
+
+    assert asyncio.run(main()) == [401, 404, 200]
