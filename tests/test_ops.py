@@ -185,6 +185,8 @@ def test_metrics_change_after_calls(broker, sessions):
     got = broker.get(f"/api/sessions/{sid}/files/up.bin")
     assert got.content == payload
     assert broker.post("/api/sessions", owner=None).status_code == 401
+    r = broker.post(f"/api/kernels/{sessions['bob']}/restart", owner="bob")
+    assert r.status_code == 200, r.text
     after = metrics(broker)
 
     def grew(name, by=1.0, **labels):
@@ -204,6 +206,7 @@ def test_metrics_change_after_calls(broker, sessions):
     grew("broker_http_sent_bytes_total", len(payload), route=files)
     assert value(after, "broker_sessions_alive") >= 2
     assert total(after, "broker_kernel_starts_total") >= 2
+    grew("broker_kernel_restarts_total", reason="jupyter_api")
     assert value(after, "broker_sandbox_memory_bytes", owner="alice") > 40_000_000
     assert value(after, "broker_sandbox_cpu_seconds", owner="alice") > 0
     # Bounded labels: route patterns, never a raw path or a session id.
@@ -376,3 +379,12 @@ def test_metrics_for_admins_only_when_the_setting_says_so():
             server.stop()
 
     assert asyncio.run(main()) == [401, 404, 200]
+
+
+def test_two_brokers_in_one_process_keep_separate_counts():
+    """Each broker's metrics live on a registry of its own, not prometheus_client's global one."""
+    one, two = Metrics(None), Metrics(None)
+    one.tool_calls.labels("ExecutePythonCode", "success").inc()
+    a, b = samples(one.render().decode()), samples(two.render().decode())
+    assert value(a, "broker_tool_calls_total", tool="ExecutePythonCode", outcome="success") == 1
+    assert value(b, "broker_tool_calls_total", tool="ExecutePythonCode", outcome="success") == 0
