@@ -24,6 +24,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from broker.app import ServeApp
 from broker.logs import CallLog
 from broker.metrics import Metrics
 from broker.web import admin
@@ -159,11 +160,15 @@ def test_cli_admin_sessions_and_end(broker, sessions):
 def test_bad_tokens_file_entry_is_named(tmp_path):
     bad = tmp_path / "tokens.json"
     bad.write_text(json.dumps({"tok-fine": "alice", "tok-secret-xyz": {"owner": "ops", "admin": "yes"}}))
-    p = subprocess.run([BROKER_BIN, "serve", "--port", "0", "--tokens-file", str(bad), "--data-root",
-                        str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
-    assert "entry 2 (owner 'ops'): 'admin'" in p.stderr and "true or false" in p.stderr, p.stderr
-    assert "tok-secret-xyz" not in p.stderr
+    # What `broker serve --tokens-file` runs first (in-process: a serve subprocess costs seconds of imports).
+    with pytest.raises(SystemExit) as stop:
+        ServeApp(tokens_file=str(bad)).init_auth()
+    message = str(stop.value)
+    assert "entry 2 (owner 'ops'): 'admin'" in message and "true or false" in message, message
+    assert "tok-secret-xyz" not in message
+    bad.write_text(json.dumps({"tok-x": ["alice"]}))
+    with pytest.raises(SystemExit, match=r"entry 1: the value is \["):
+        ServeApp(tokens_file=str(bad)).init_auth()
 
 
 # -- /metrics --------------------------------------------------------------------------------
