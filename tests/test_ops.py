@@ -24,8 +24,11 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
+from broker.app import ServeApp
 from broker.logs import CallLog
-from broker.web.base import Auth, BaseHandler, log_request, route_table
+from broker.metrics import Metrics
+from broker.web import admin
+from broker.web.base import Auth, BaseHandler, Identity, log_request, route_table
 from tests.broker_server import BROKER_BIN, BrokerProcess
 from tests.gateway_helpers import KernelWS
 
@@ -84,7 +87,8 @@ def test_whoami_says_owner_and_role(broker):
     assert broker.get("/api/whoami", owner=None).status_code == 401
 
 
-def test_non_admin_gets_404_on_admin_endpoints_and_never_sees_another_owners_session(broker, sessions):
+def test_cant_reach_admin_endpoints_or_other_owners_sessions_without_admin_role(broker, sessions):
+    """A non-admin token gets 404 on the admin endpoints and never sees another owner's session."""
     bob = sessions["bob"]
     unknown = broker.get("/api/no-such-endpoint", owner="alice")
     assert unknown.status_code == 404
@@ -156,11 +160,15 @@ def test_cli_admin_sessions_and_end(broker, sessions):
 def test_bad_tokens_file_entry_is_named(tmp_path):
     bad = tmp_path / "tokens.json"
     bad.write_text(json.dumps({"tok-fine": "alice", "tok-secret-xyz": {"owner": "ops", "admin": "yes"}}))
-    p = subprocess.run([BROKER_BIN, "serve", "--port", "0", "--tokens-file", str(bad), "--data-root",
-                        str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0
-    assert "entry 2 (owner 'ops'): 'admin'" in p.stderr and "true or false" in p.stderr, p.stderr
-    assert "tok-secret-xyz" not in p.stderr
+    # What `broker serve --tokens-file` runs first (in-process: a serve subprocess costs seconds of imports).
+    with pytest.raises(SystemExit) as stop:
+        ServeApp(tokens_file=str(bad)).init_auth()
+    message = str(stop.value)
+    assert "entry 2 (owner 'ops'): 'admin'" in message and "true or false" in message, message
+    assert "tok-secret-xyz" not in message
+    bad.write_text(json.dumps({"tok-x": ["alice"]}))
+    with pytest.raises(SystemExit, match=r"entry 1: the value is \["):
+        ServeApp(tokens_file=str(bad)).init_auth()
 
 
 # -- /metrics --------------------------------------------------------------------------------
@@ -182,6 +190,8 @@ def test_metrics_change_after_calls(broker, sessions):
     got = broker.get(f"/api/sessions/{sid}/files/up.bin")
     assert got.content == payload
     assert broker.post("/api/sessions", owner=None).status_code == 401
+    r = broker.post(f"/api/kernels/{sessions['bob']}/restart", owner="bob")
+    assert r.status_code == 200, r.text
     after = metrics(broker)
 
     def grew(name, by=1.0, **labels):
@@ -201,6 +211,7 @@ def test_metrics_change_after_calls(broker, sessions):
     grew("broker_http_sent_bytes_total", len(payload), route=files)
     assert value(after, "broker_sessions_alive") >= 2
     assert total(after, "broker_kernel_starts_total") >= 2
+    grew("broker_kernel_restarts_total", reason="jupyter_api")
     assert value(after, "broker_sandbox_memory_bytes", owner="alice") > 40_000_000
     assert value(after, "broker_sandbox_cpu_seconds", owner="alice") > 0
     # Bounded labels: route patterns, never a raw path or a session id.
@@ -251,7 +262,8 @@ def test_call_log_lines_carry_the_fields_and_no_secrets(broker, sessions):
 @pytest.fixture(scope="module")
 def json_broker(tmp_path_factory):
     b = BrokerProcess(str(tmp_path_factory.mktemp("ops-json")), "--SessionManager.pool_size=0",
-                      "--ServeApp.call_log_format=json", "--ServeApp.metrics_auth=none", tokens=TOKENS)
+                      "--ServeApp.call_log_format=json", "--ServeApp.metrics_auth=none",
+                      "--ServeApp.metrics_per_session=True", tokens=TOKENS)
     b.start()
     yield b
     b.stop()
@@ -289,6 +301,9 @@ def test_json_call_log_and_open_metrics(json_broker):
     w = ws_lines[-1]
     assert w["owner"] == "bob" and w["outcome"] == "ok" and w["duration_ms"] > 0
     assert w["endpoint"] == "/api/kernels/{sid}/channels"
+    per_session = samples(b.get("/metrics", owner=None).text)
+    assert value(per_session, "broker_session_memory_bytes", session=sid, owner="bob") > 0
+    assert value(per_session, "broker_session_cpu_seconds", session=sid, owner="bob") > 0
     opened = [r for r in recs if r["kind"] == "http" and r["endpoint"] == "/metrics"]
     assert opened and "owner" not in opened[0]
     with open(b.log_path, errors="replace") as fh:
@@ -349,3 +364,32 @@ def test_unexpected_error_is_logged_with_traceback_and_no_secrets():
     assert http["status"] == 500
     text = "\n".join(lines.lines)
     assert "tok-secret-1" not in text and "signed-secret" not in text
+
+
+def test_metrics_for_admins_only_when_the_setting_says_so():
+    """ServeApp.metrics_auth=admin: other tokens get 404, like the admin endpoints."""
+    state = SimpleNamespace(auth=Auth({"tok-a": "alice", "tok-o": Identity("ops", True)}), call_log=None,
+                            observer=None, metrics=Metrics(None), metrics_auth="admin", routes={})
+
+    async def main():
+        app = web.Application(admin.routes, broker=state)
+        sock, = bind_sockets(0, "127.0.0.1")
+        server = HTTPServer(app)
+        server.add_sockets([sock])
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/metrics"
+        try:
+            return [(await AsyncHTTPClient().fetch(url, raise_error=False, headers=h)).code
+                    for h in ({}, {"Authorization": "Bearer tok-a"}, {"Authorization": "Bearer tok-o"})]
+        finally:
+            server.stop()
+
+    assert asyncio.run(main()) == [401, 404, 200]
+
+
+def test_two_brokers_in_one_process_keep_separate_counts():
+    """Each broker's metrics live on a registry of its own, not prometheus_client's global one."""
+    one, two = Metrics(None), Metrics(None)
+    one.tool_calls.labels("ExecutePythonCode", "success").inc()
+    a, b = samples(one.render().decode()), samples(two.render().decode())
+    assert value(a, "broker_tool_calls_total", tool="ExecutePythonCode", outcome="success") == 1
+    assert value(b, "broker_tool_calls_total", tool="ExecutePythonCode", outcome="success") == 0

@@ -6,10 +6,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-from broker.client import AdminSession, NotFound
-from broker.cli.common import EXIT_NOT_FOUND, EXIT_OK, ClientApp, human_size, table
+from broker.client import AdminSession
+from broker.cli.common import ClientApp, human_size, table
 
 
 def _duration(seconds: float) -> str:
@@ -36,14 +34,7 @@ class AdminSessionsApp(ClientApp):
 
     def run(self) -> int:
         self.args(0, 0)
-        sessions = self.client.admin_sessions()
-        if self.json:
-            self.print_json([dataclasses.asdict(s) for s in sessions])
-        elif sessions:
-            print(_rows(sessions))
-        else:
-            print("no sessions")
-        return EXIT_OK
+        return self.print_listing(self.client.admin_sessions(), _rows, "no sessions")
 
 
 class AdminEndApp(ClientApp):
@@ -52,19 +43,7 @@ class AdminEndApp(ClientApp):
     usage = "broker admin end ID [ID ...] [--json]"
 
     def run(self) -> int:
-        ids = self.args(1)
-        missing = {}
-        for sid in ids:
-            try:
-                self.client.admin_end_session(sid)
-            except NotFound as exc:
-                missing[sid] = exc.message
-        if self.json:
-            self.print_json({"ended": [i for i in ids if i not in missing], "not_found": list(missing)})
-        else:
-            for sid in ids:
-                print(f"{sid}: {missing.get(sid, 'ended')}")
-        return EXIT_NOT_FOUND if missing else EXIT_OK
+        return self.remove_each(self.args(1), self.client.admin_end_session, "ended")
 
 
 class AdminApp(AdminSessionsApp):

@@ -19,14 +19,16 @@ Exit codes (docs/client.md):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
+from typing import Callable
 
 from traitlets import Bool, Float, Unicode
 from traitlets.config import Application, Configurable
 
-from broker.client import ApiError, BrokerClientError, Client, ConnectionFailed, ToolResult, Unauthorized
+from broker.client import ApiError, BrokerClientError, Client, ConnectionFailed, NotFound, ToolResult, Unauthorized
 
 ENV_SESSION = "BROKER_SESSION"
 
@@ -154,6 +156,31 @@ class ClientApp(Application):
     def print_json(self, obj) -> None:
         sys.stdout.write(json.dumps(obj, indent=2) + "\n")
         sys.stdout.flush()
+
+    def print_listing(self, items: list, render: Callable[[list], str], empty: str) -> int:
+        """A list command's output: JSON, a table, or *empty* when there is nothing."""
+        if self.json:
+            self.print_json([dataclasses.asdict(i) for i in items])
+        elif items:
+            print(render(items))
+        else:
+            print(empty)
+        return EXIT_OK
+
+    def remove_each(self, ids: list[str], remove: Callable[[str], None], done: str) -> int:
+        """Remove sessions one by one; report each (*done* or why not) and exit 4 if any was missing."""
+        missing = {}
+        for sid in ids:
+            try:
+                remove(sid)
+            except NotFound as exc:
+                missing[sid] = exc.message
+        if self.json:
+            self.print_json({done: [i for i in ids if i not in missing], "not_found": list(missing)})
+        else:
+            for sid in ids:
+                print(f"{sid}: {missing.get(sid, done)}")
+        return EXIT_NOT_FOUND if missing else EXIT_OK
 
     def args(self, least: int, most: int | None = None) -> list[str]:
         """The positional arguments, checked for count."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from broker.client import NotFound, SessionInfo
-from broker.cli.common import EXIT_NOT_FOUND, EXIT_OK, ClientApp, table
+from broker.client import SessionInfo
+from broker.cli.common import EXIT_OK, ClientApp, table
 
 
 def _rows(sessions: list[SessionInfo]) -> str:
@@ -19,14 +19,7 @@ class SessionsListApp(ClientApp):
 
     def run(self) -> int:
         self.args(0, 0)
-        sessions = self.client.sessions()
-        if self.json:
-            self.print_json([dataclasses.asdict(s) for s in sessions])
-        elif sessions:
-            print(_rows(sessions))
-        else:
-            print("no sessions")
-        return EXIT_OK
+        return self.print_listing(self.client.sessions(), _rows, "no sessions")
 
 
 class SessionsNewApp(ClientApp):
@@ -65,19 +58,7 @@ class SessionsRmApp(ClientApp):
     usage = "broker sessions rm ID [ID ...] [--json]"
 
     def run(self) -> int:
-        ids = self.args(1)
-        missing = []
-        for sid in ids:
-            try:
-                self.client.delete_session(sid)
-            except NotFound as exc:
-                missing.append((sid, exc.message))
-        if self.json:
-            self.print_json({"deleted": [i for i in ids if i not in dict(missing)], "not_found": [m for m, _ in missing]})
-        else:
-            for sid in ids:
-                print(f"{sid}: {dict(missing).get(sid, 'deleted')}")
-        return EXIT_NOT_FOUND if missing else EXIT_OK
+        return self.remove_each(self.args(1), self.client.delete_session, "deleted")
 
 
 class SessionsApp(SessionsListApp):
