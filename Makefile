@@ -63,7 +63,7 @@ kernelspec: install
 # become the table of docs/reliability.md.
 reliability: install
 	rm -f .reliability-figures.jsonl
-	BROKER_FIGURES_FILE=$(CURDIR)/.reliability-figures.jsonl $(BIN)/python -m pytest -m "reliability or long" $(PYTEST_ARGS)
+	BROKER_FIGURES_FILE="$(CURDIR)/.reliability-figures.jsonl" $(BIN)/python -m pytest -m "reliability or long" $(PYTEST_ARGS)
 	$(BIN)/python -m tests.reliability_doc .reliability-figures.jsonl docs/reliability.md
 
 bench: install

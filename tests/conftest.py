@@ -37,6 +37,28 @@ def _kernelspec_installed():
                     "install --sys-prefix` and unset JUPYTER_PATH / JUPYTER_PREFER_ENV_PATH", returncode=4)
 
 
+# -- running under pytest-xdist (`make test` runs two workers) --------------------
+# A test marked `alone` measures something machine-wide (free memory, all the
+# mounts, every process, wall times under a deadline): while it runs, the other
+# workers start no test.  Every test takes a shared lock, an `alone` test the
+# exclusive one; a turnstile lock taken first keeps an `alone` test from
+# waiting forever behind a stream of shared ones.  The lock files live in the
+# run's temp root, which the workers share.  Without xdist this costs nothing.
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    root = item.config._tmp_path_factory.getbasetemp().parent
+    alone = item.get_closest_marker("alone") is not None
+    with open(root / "alone.turnstile", "a") as turnstile, open(root / "alone.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
 def _kernel(request, hooked: bool):
     k = SandboxKernel()
     if not hooked:
