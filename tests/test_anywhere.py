@@ -98,7 +98,7 @@ def run_subset(dest: str, basetemp: str, tests: list[str] = SUBSET) -> subproces
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTEST_", "VIRTUAL_ENV", "PYTHON", "JUPYTER", "BROKER_"))}
     args = " ".join(tests) + " -p no:xdist -q --basetemp=" + shlex.quote(basetemp)
-    return subprocess.run(["make", "-C", dest, "test", f"PYTEST_ARGS={args}"], capture_output=True, text=True,
+    return subprocess.run(["make", "-C", dest, "test", "PYTEST_XDIST=", f"PYTEST_ARGS={args}"], capture_output=True, text=True,
                           env=env, cwd=dest, stdin=subprocess.DEVNULL, timeout=900)
 
 

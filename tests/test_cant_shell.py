@@ -252,6 +252,7 @@ def test_cant_flood_shell_output(box, monkeypatch):
     still_works(box)
 
 
+@pytest.mark.alone  # bounds a wall time to within a few seconds
 def test_cant_outlive_shell_timeout(box, monkeypatch):
     made = record_cgroups(monkeypatch)
     marker = token("sleeper").split("-")[1][:6]
