@@ -10,6 +10,10 @@ SHELL_TOOLS := awk:mawk which:debianutils file:file jq:jq sqlite3:sqlite3 zip:zi
 	tar:tar gzip:gzip bzip2:bzip2 xz:xz-utils diff:diffutils iconv:libc-bin bc:bc \
 	sed:sed grep:grep find:findutils xargs:findutils sort:coreutils
 PYTEST_ARGS ?=
+# The suite runs on pytest-xdist workers, one test file per worker at a time
+# (module-scoped kernels and brokers stay shared): most tests wait on kernels
+# rather than burn CPU.  `make test PYTEST_XDIST=` runs it in one process.
+PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist loadfile
 
 .PHONY: run test install system-deps kernelspec bench bench-quick reliability clean
 
@@ -17,7 +21,7 @@ run: install
 	$(BIN)/broker serve
 
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 install: system-deps $(STAMP)
 
@@ -69,7 +73,7 @@ kernelspec: install
 # become the table of docs/reliability.md.
 reliability: install
 	rm -f .reliability-figures.jsonl
-	BROKER_FIGURES_FILE=$(CURDIR)/.reliability-figures.jsonl $(BIN)/python -m pytest -m "reliability or long" $(PYTEST_ARGS)
+	BROKER_FIGURES_FILE="$(CURDIR)/.reliability-figures.jsonl" $(BIN)/python -m pytest -m "reliability or long" $(PYTEST_ARGS)
 	$(BIN)/python -m tests.reliability_doc .reliability-figures.jsonl docs/reliability.md
 
 bench: install

@@ -58,7 +58,7 @@ class BrokerProcess:
         self.url = ""
 
     # -- lifecycle ----------------------------------------------------------------
-    def start(self, wait: float = 60.0) -> "BrokerProcess":
+    def start(self, wait: float = 120.0) -> "BrokerProcess":
         last = ""
         for _attempt in range(3):  # a port picked free can be taken before the broker binds it
             self.port = free_port()

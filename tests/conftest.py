@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
+import sys
 import threading
 
 import pytest
@@ -16,14 +18,45 @@ def _kernelspec_installed():
     """The suite runs against the installed python3-sandbox kernelspec."""
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-    try:
-        KernelSpecManager().get_kernel_spec("python3-sandbox")
-    except NoSuchKernel:
-        import sys
+    # pytest-xdist workers start together: one checks and installs at a time
+    # (an install replaces the folder another worker may be reading).
+    with open(os.path.join(sys.prefix, ".kernelspec-install.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            spec = KernelSpecManager().get_kernel_spec("python3-sandbox")
+        except NoSuchKernel:
+            from broker import kernelspec
 
-        from broker import kernelspec
+            kernelspec.install(prefix=sys.prefix)
+            spec = KernelSpecManager().get_kernel_spec("python3-sandbox")
+    # Another checkout's kernelspec (a --user install, JUPYTER_PATH) would run
+    # that checkout's interpreter and kernel_profile: say so rather than test it.
+    if os.path.realpath(os.path.dirname(spec.argv[0])) != os.path.realpath(os.path.dirname(sys.executable)):
+        pytest.exit(f"the python3-sandbox kernelspec in {spec.resource_dir} runs {spec.argv[0]}, not this "
+                    f"checkout's {sys.executable}: remove it, or run `{sys.executable} -m broker.app kernelspec "
+                    "install --sys-prefix` and unset JUPYTER_PATH / JUPYTER_PREFER_ENV_PATH", returncode=4)
 
-        kernelspec.install(prefix=sys.prefix)
+
+# -- running under pytest-xdist (`make test` runs two workers) --------------------
+# A test marked `alone` measures something machine-wide (free memory, all the
+# mounts, every process, wall times under a deadline): while it runs, the other
+# workers start no test.  Every test takes a shared lock, an `alone` test the
+# exclusive one; a turnstile lock taken first keeps an `alone` test from
+# waiting forever behind a stream of shared ones.  The lock files live in the
+# run's temp root, which the workers share.  Without xdist this costs nothing.
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        yield
+        return
+    root = item.config._tmp_path_factory.getbasetemp().parent
+    alone = item.get_closest_marker("alone") is not None
+    with open(root / "alone.turnstile", "a") as turnstile, open(root / "alone.lock", "a") as lock:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
 
 
 def _kernel(request, hooked: bool):

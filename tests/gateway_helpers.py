@@ -84,7 +84,7 @@ class BrokerServer:
         self.url = ""
         self.ws_url = ""
 
-    def start(self, wait: float = 60.0) -> "BrokerServer":
+    def start(self, wait: float = 120.0) -> "BrokerServer":
         for _ in range(3):  # the free port can be taken before the broker binds it
             port = free_port()
             self.url = f"http://127.0.0.1:{port}"

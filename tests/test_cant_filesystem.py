@@ -332,11 +332,20 @@ out["modules"] = {m: getattr(sys.modules.get(m), "__file__", None)
 out["path"] = sys.path
 out["cwd"] = os.getcwd()
 out["tmp_startup"] = os.path.exists("/tmp/.ipython/profile_default/startup/00-evil.py")
+out["writable"] = {m: f and os.access(os.path.dirname(f), os.W_OK) for m, f in out["modules"].items()}
 """)
         assert result["pwned_dir"] is False, f"planted code ran at kernel start: {result['pwned_dir']}"
         assert not os.path.exists(os.path.join(kernel.data_dir, "PWNED"))
+        # Every module comes from a read-only bind of the interpreter (which
+        # may itself lie under /tmp, when the checkout does): never from
+        # /mnt/data nor from the sandbox's own writable /tmp.
+        binds = [p.rstrip("/") + "/" for p in kernel.provisioner._spec.ro_paths + ["/usr"]]
         for mod, path in result["modules"].items():
-            assert path is None or not path.startswith(("/mnt/data", "/tmp")), (mod, path)
+            if path is None:
+                continue
+            assert not path.startswith("/mnt/data"), (mod, path)
+            assert path.startswith(tuple(binds)), f"{mod} loaded from {path}, outside the read-only binds {binds}"
+            assert result["writable"][mod] is False, f"{mod}'s folder is writable in the sandbox: {path}"
         assert result["modules"]["json"] and result["modules"]["json"].startswith(sys.base_prefix)
         assert result["modules"]["kernel_profile"] == os.path.join(KERNEL_PROFILE_DIR, "__init__.py")
         assert "/mnt/data" not in result["path"] and "" not in result["path"] and "." not in result["path"]
