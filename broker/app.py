@@ -208,6 +208,9 @@ class ServeApp(Application):
         from broker.sessions import SessionManager
 
         self.sessions = SessionManager(parent=self)
+        adj = self.sessions.admission.protect_broker()
+        if adj is not None:
+            self.log.info("broker oom_score_adj %d: the OOM killer takes kernels (1000) first", adj)
         n = self.sessions.restore()
         if n:
             self.log.info("restored %d session(s) from %s", n, self.sessions.data_root)
@@ -280,6 +283,7 @@ def make_web_app(state):
 
 def serve_classes():
     # Imported here for the same measured cost as make_web_app: client commands must start fast.
+    from broker.admission import Admission
     from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
@@ -290,7 +294,7 @@ def serve_classes():
     from broker.transcripts import TranscriptSettings
     from broker.web.mcp import McpSettings
 
-    return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
+    return [ServeApp, SessionManager, Admission, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
             ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings]
 
 

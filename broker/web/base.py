@@ -106,6 +106,8 @@ class BaseHandler(web.RequestHandler):
             self.clear()
             self.set_default_headers()
             self.set_status(e.status)
+            if getattr(e, "retry_after", None):
+                self.set_header("Retry-After", str(e.retry_after))
             self.finish(json.dumps(body))
             return
         super()._handle_request_exception(e)
