@@ -239,7 +239,7 @@ class ServeApp(Application):
     async def _serve(self):
         from tornado.httpserver import HTTPServer
 
-        server = HTTPServer(self.web_app, max_body_size=self.sessions.max_upload_bytes + (1 << 20),
+        server = HTTPServer(self.web_app, max_body_size=max_body_bytes(self.sessions),
                             xheaders=False, ssl_options=self.ssl_context())
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)
         server.add_sockets(sockets)
@@ -263,22 +263,25 @@ class ServeApp(Application):
         await self.sessions.shutdown()
 
 
+def max_body_bytes(sessions) -> int:
+    """Largest request body: an upload of max_upload_bytes plus 1 MiB of envelope (413 past it)."""
+    return sessions.max_upload_bytes + (1 << 20)
+
+
 def make_web_app(state):
     # Imported here, not at the top: client commands (broker exec, files, ...)
     # load this module and must not pay for the server's web stack and
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
-    from tornado import web
-
     from broker.web import aca, files, kernels, mcp, openapi, sessions
-    from broker.web.base import NotFoundHandler
+    from broker.web.base import BrokerApplication, NotFoundHandler
     from broker.web.root import RootHandler
 
     handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
                 *mcp.routes(state)]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
-    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
-                           websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
-                           compress_response=False)
+    return BrokerApplication(handlers, broker=state, default_handler_class=NotFoundHandler,
+                             max_body_bytes=max_body_bytes(state.sessions), websocket_ping_interval=30,
+                             websocket_max_message_size=state.channels.max_message_bytes, compress_response=False)
 
 
 def serve_classes():

@@ -71,7 +71,7 @@ class FilesHandler(BaseHandler):
         if not ctype.lower().startswith("multipart/form-data") or "boundary=" not in ctype:
             raise InvalidArgument(f"a POST upload must be multipart/form-data with a boundary; got Content-Type "
                                   f"{ctype[:100]!r} (or PUT the raw bytes to /api/sessions/{{id}}/files/{{path}})",
-                                  "Content-Type", "multipart/form-data; boundary=...")
+                                  "file", "a file part in a multipart/form-data body (with its boundary)")
         try:
             httputil.parse_body_arguments(ctype, body, args, files)
         except (httputil.HTTPInputError, ValueError) as exc:
