@@ -33,7 +33,7 @@ from broker.web.openapi import document
 from tests.broker_server import BrokerProcess
 from tests.figures import record
 
-FUZZ_EXAMPLES = 6
+FUZZ_EXAMPLES = 3
 FUZZ_EXAMPLES_LONG = 60
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
           response_headers_conformance, negative_data_rejection, ignored_auth]

@@ -26,7 +26,7 @@ from broker.web.kernels import decode_legacy, decode_v1, encode_v1
 
 pytestmark = pytest.mark.reliability
 
-SETTINGS = settings(max_examples=150, deadline=None, database=None, derandomize=True,
+SETTINGS = settings(max_examples=100, deadline=None, database=None, derandomize=True,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 # Path pieces that matter to a resolver, plus anything at all.
