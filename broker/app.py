@@ -233,6 +233,9 @@ class ServeApp(Application):
         from broker.sessions import SessionManager
 
         self.sessions = SessionManager(parent=self)
+        adj = self.sessions.admission.protect_broker()
+        if adj is not None:
+            self.log.info("broker oom_score_adj %d: the OOM killer takes kernels (1000) first", adj)
         n = self.sessions.restore()
         if n:
             self.log.info("restored %d session(s) from %s", n, self.sessions.data_root)
@@ -273,7 +276,7 @@ class ServeApp(Application):
     async def _serve(self):
         from tornado.httpserver import HTTPServer
 
-        server = HTTPServer(self.web_app, max_body_size=self.sessions.max_upload_bytes + (1 << 20),
+        server = HTTPServer(self.web_app, max_body_size=max_body_bytes(self.sessions),
                             xheaders=False, ssl_options=self.ssl_context())
         sockets = __import__("tornado.netutil", fromlist=["bind_sockets"]).bind_sockets(self.port, self.ip)
         server.add_sockets(sockets)
@@ -297,14 +300,17 @@ class ServeApp(Application):
         await self.sessions.shutdown()
 
 
+def max_body_bytes(sessions) -> int:
+    """Largest request body: an upload of max_upload_bytes plus 1 MiB of envelope (413 past it)."""
+    return sessions.max_upload_bytes + (1 << 20)
+
+
 def make_web_app(state):
     # Imported here, not at the top: client commands (broker exec, files, ...)
     # load this module and must not pay for the server's web stack and
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
-    from tornado import web
-
     from broker.web import aca, admin, files, kernels, mcp, openapi, page, sessions
-    from broker.web.base import NotFoundHandler, log_request, route_table
+    from broker.web.base import BrokerApplication, NotFoundHandler, log_request, route_table
 
     handlers = [*page.routes, *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
                 *mcp.routes(state)]
@@ -312,14 +318,15 @@ def make_web_app(state):
     handlers += admin.routes       # /api/whoami, /api/admin/..., /metrics
     state.routes = route_table(handlers)
     # log_function: our call log replaces tornado's access log (which prints raw URIs, signed links' too).
-    return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler, log_function=log_request,
-                           ws_tickets=page.WsTickets(),
-                           websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
-                           compress_response=False)
+    return BrokerApplication(handlers, broker=state, default_handler_class=NotFoundHandler, log_function=log_request,
+                             ws_tickets=page.WsTickets(), max_body_bytes=max_body_bytes(state.sessions),
+                             websocket_ping_interval=30,
+                             websocket_max_message_size=state.channels.max_message_bytes, compress_response=False)
 
 
 def serve_classes():
     # Imported here for the same measured cost as make_web_app: client commands must start fast.
+    from broker.admission import Admission
     from broker.changes import ChangeTracking
     from broker.channels import ChannelSettings
     from broker.execution import Executor
@@ -330,7 +337,7 @@ def serve_classes():
     from broker.transcripts import TranscriptSettings
     from broker.web.mcp import McpSettings
 
-    return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
+    return [ServeApp, SessionManager, Admission, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
             ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings]
 
 

@@ -70,3 +70,15 @@ class TooManySessions(BrokerError):
 class SessionBusy(BrokerError):
     status = 409
     reason = "session_busy"
+
+
+class MemoryLow(BrokerError):
+    """Too little memory is available to start another kernel (broker/admission.py).
+    ``retry_after`` is the seconds the client is told to wait."""
+
+    status = 503
+    reason = "memory_low"
+
+    def __init__(self, message: str, retry_after: int = 30):
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -40,7 +40,8 @@ class LinkSigner:
             return False
         if e < time.time():
             return False
-        return hmac.compare_digest(self._mac(sid, path, name or "", e), sig or "")
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, so a 500).
+        return hmac.compare_digest(self._mac(sid, path, name or "", e).encode(), (sig or "").encode())
 
 
 class Links:

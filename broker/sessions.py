@@ -32,6 +32,7 @@ import uuid
 from traitlets import Float, Integer, Unicode, default
 from traitlets.config import LoggingConfigurable
 
+from broker.admission import Admission
 from broker.changes import ChangeTracker, ChangeTracking
 from broker.errors import SandboxError, SessionNotFound, TooManySessions
 from broker.execution import Executor, SessionKernel
@@ -335,6 +336,7 @@ class SessionManager(LoggingConfigurable):
 
         self.transcript_settings = TranscriptSettings(parent=self)
         self.change_tracking = ChangeTracking(parent=self)
+        self.admission = Admission(parent=self)
         self._cull_task: asyncio.Task | None = None
         # The service's telemetry (broker.metrics.Telemetry); None in-process.
         self.observer = None
@@ -445,6 +447,7 @@ class SessionManager(LoggingConfigurable):
             if owned >= self.max_sessions_per_owner:
                 raise TooManySessions(f"you hold the maximum of {self.max_sessions_per_owner} sessions per owner "
                                       "(SessionManager.max_sessions_per_owner); delete one first")
+            self.admission.check()      # 503 while memory is short (broker/admission.py)
             pooled = self._take_pooled() if not env else None
             if pooled is not None:
                 now = time.time()
@@ -502,6 +505,8 @@ class SessionManager(LoggingConfigurable):
             await asyncio.sleep(delay)
         while len(self._pool) < self.pool_size and not self._closing:
             if len(self.sessions) + len(self._pool) + sum(self._reserved.values()) >= self.max_sessions:
+                return
+            if not self.admission.allows():     # memory short: the next create tries again
                 return
             s = None
             try:

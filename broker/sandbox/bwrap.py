@@ -25,12 +25,18 @@ changes and the uid gains no access to anything else.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from dataclasses import dataclass, field
 
 SANDBOX_UID = 1000
 SANDBOX_GID = 1000
 LAUNCH_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+# Every sandbox process (kernels, shell commands) starts with this
+# oom_score_adj, so the host's OOM killer takes them before the broker
+# (docs/admission.md).  Set by util-linux's choom at the head of the launch
+# chain; as root it also becomes the floor the sandbox cannot lower.
+SANDBOX_OOM_SCORE_ADJ = 1000
 
 ETC_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/etc/nsswitch.conf", "/etc/mime.types",
              "/etc/fonts")
@@ -212,7 +218,18 @@ def ensure_stage_dirs(stage_dir: str, count: int) -> None:
 def launch(spec: SandboxSpec, *, bwrap: str, uid: int, gid: int, as_root: bool,
            rlimits: dict[str, int], procs_files: list[str], stage_dir: str,
            tools: dict[str, str] | None = None) -> Launch:
-    """The full launch: [root launcher] + setpriv + prlimit + bwrap + command."""
+    """The full launch: choom + [root launcher] + setpriv + prlimit + bwrap + command."""
+    out = _launch(spec, bwrap=bwrap, uid=uid, gid=gid, as_root=as_root, rlimits=rlimits,
+                  procs_files=procs_files, stage_dir=stage_dir, tools=tools)
+    choom = (tools or {}).get("choom") or shutil.which("choom", path=LAUNCH_PATH)
+    if choom:
+        out.argv = [choom, "-n", str(SANDBOX_OOM_SCORE_ADJ), "--", *out.argv]
+    return out
+
+
+def _launch(spec: SandboxSpec, *, bwrap: str, uid: int, gid: int, as_root: bool,
+            rlimits: dict[str, int], procs_files: list[str], stage_dir: str,
+            tools: dict[str, str] | None = None) -> Launch:
     tools = tools or {}
     prlimit = [tools.get("prlimit", "prlimit")] + [f"--{k}={v}" for k, v in rlimits.items()] + ["--"]
     if not as_root:

@@ -14,7 +14,7 @@ import re
 import traceback
 from typing import NamedTuple
 
-from tornado import web
+from tornado import httputil, web
 
 from broker import logs
 from broker.errors import BrokerError, InvalidArgument
@@ -181,6 +181,8 @@ class BaseHandler(web.RequestHandler):
             self.clear()
             self.set_default_headers()
             self.set_status(e.status)
+            if getattr(e, "retry_after", None):
+                self.set_header("Retry-After", str(e.retry_after))
             self.finish(json.dumps(body))
             return
         super()._handle_request_exception(e)
@@ -279,3 +281,62 @@ def log_request(handler) -> None:
                               fields["duration_ms"] / 1000, fields["bytes_in"], fields["bytes_out"])
     if call_log is not None:
         call_log.call(**fields)
+
+
+class BodyCap(httputil.HTTPMessageDelegate):
+    """Answers 413 to a request whose Content-Length is over the broker's body limit, for every
+    route (tornado alone would reset the connection, so the client never learns why).  The body is
+    read and dropped (up to DISCARD_MAX), not buffered, so the client, which sends it before it
+    reads an answer, gets the 413 rather than a reset.  Bodies without a Content-Length (chunked)
+    are bounded by the upload handlers themselves."""
+
+    DISCARD_MAX = 1 << 30
+
+    def __init__(self, inner: httputil.HTTPMessageDelegate, connection, cap: int):
+        self.inner, self.connection, self.cap = inner, connection, cap
+        self.refused: int | None = None
+
+    def headers_received(self, start_line, headers):
+        try:
+            length = int(headers.get("Content-Length", "") or 0)
+        except ValueError:
+            length = 0      # tornado answers a malformed Content-Length with 400 itself
+        if length > self.cap:
+            self.refused = length
+            if length <= self.DISCARD_MAX:
+                self.connection.set_max_body_size(length)
+            return None
+        return self.inner.headers_received(start_line, headers)
+
+    def data_received(self, chunk):
+        if self.refused is None:
+            return self.inner.data_received(chunk)
+        return None
+
+    def finish(self):
+        if self.refused is None:
+            return self.inner.finish()
+        body = json.dumps({"message": f"the request body is {self.refused} bytes; at most {self.cap} are accepted "
+                                      "(SessionManager.max_upload_bytes plus 1 MiB for the envelope)",
+                           "reason": "payload_too_large"}).encode()
+        self.connection.write_headers(
+            httputil.ResponseStartLine("HTTP/1.1", 413, "Payload Too Large"),
+            httputil.HTTPHeaders({"Content-Type": "application/json; charset=UTF-8", "Content-Length": str(len(body)),
+                                  "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}), body)
+        self.connection.finish()
+        return None
+
+    def on_connection_close(self):
+        if self.refused is None:
+            return self.inner.on_connection_close()
+        return None
+
+
+class BrokerApplication(web.Application):
+    """tornado's Application with :class:`BodyCap` in front of every request
+    (``max_body_bytes`` in the settings; without it, no cap here)."""
+
+    def start_request(self, server_conn, request_conn):
+        inner = super().start_request(server_conn, request_conn)
+        cap = self.settings.get("max_body_bytes")
+        return BodyCap(inner, request_conn, cap) if cap else inner

@@ -67,7 +67,16 @@ class FilesHandler(BaseHandler):
         s = self.sessions.get(sid, self.current_user)
         body = b"".join(self._chunks)
         args, files = {}, {}
-        httputil.parse_body_arguments(self.request.headers.get("Content-Type", ""), body, args, files)
+        ctype = self.request.headers.get("Content-Type", "")
+        if not ctype.lower().startswith("multipart/form-data") or "boundary=" not in ctype:
+            raise InvalidArgument(f"a POST upload must be multipart/form-data with a boundary; got Content-Type "
+                                  f"{ctype[:100]!r} (or PUT the raw bytes to /api/sessions/{{id}}/files/{{path}})",
+                                  "file", "a file part in a multipart/form-data body (with its boundary)")
+        try:
+            httputil.parse_body_arguments(ctype, body, args, files)
+        except (httputil.HTTPInputError, ValueError) as exc:
+            raise InvalidArgument(f"the multipart body could not be parsed: {exc}", "file",
+                                  "a multipart/form-data file part") from None
         uploads = [f for fs in files.values() for f in fs]
         if not uploads:
             raise InvalidArgument("multipart upload has no file part (send the file in a field named 'file')",
@@ -89,6 +98,8 @@ class FilesHandler(BaseHandler):
 @web.stream_request_body
 class FileHandler(FilesHandler):
     allow_signed = True
+    # POST (a multipart upload) goes to the folder, /files; here it is 405, not FilesHandler.post.
+    SUPPORTED_METHODS = ("GET", "PUT", "DELETE")
 
     def signed_ok(self) -> bool:
         if self.request.method != "GET":

@@ -20,7 +20,9 @@ def _resp(desc, schema=None, ctype="application/json"):
 def _errors(*codes):
     text = {400: "Bad input: the message names the field and what is allowed", 401: "Missing or wrong token",
             404: "No such session (or it belongs to another owner), tool or file", 409: "Conflict",
-            413: "Too large", 429: "Session limit reached", 503: "Sandbox prerequisite missing",
+            413: "Too large", 429: "Session limit reached",
+            503: "Sandbox prerequisite missing, or too little memory to start a kernel (memory_low, with "
+                 "Retry-After; docs/admission.md)",
             507: "/mnt/data is full"}
     return {str(c): _resp(text[c], ERROR) for c in codes}
 
@@ -115,9 +117,11 @@ def document() -> dict:
                             "rather than inlined)"},
             "file_count": {"type": "integer", "description": "Other files created or changed (exact, even when "
                            "summarised by folder)"},
-            "truncated": {"type": "object", "additionalProperties": True,
+            "truncated": {"oneOf": [{"type": "object", "additionalProperties": True}, {"type": "boolean"}],
                           "description": "What was cut, per field, with exact counts and where the whole is "
-                                         "(see docs/results.md)"}}, "additionalProperties": True},
+                                         "(see docs/results.md); the file tools (ReadSessionFile, "
+                                         "SearchSessionFiles, ListSessionFiles) answer true or false"}},
+            "additionalProperties": True},
         "Output": {"type": "object", "required": ["type", "mimes", "text"], "properties": {
             "type": {"type": "string", "enum": ["stream", "display_data", "execute_result", "error"]},
             "name": {"type": "string", "description": "stdout or stderr (streams)"},
@@ -175,15 +179,20 @@ def document() -> dict:
             "executing": {"type": "boolean", "description": "Code is running now (REST call or WebSocket cell)"}}}
     for name, tool in TOOLS.items():
         schemas[name] = tool.input_schema()
+        for pname, prop in schemas[name]["properties"].items():
+            if pname not in schemas[name]["required"]:
+                prop["nullable"] = True     # null stands for the default (Tool.validate)
         paths[f"/api/sessions/{{id}}/tools/{name}"] = {
             "parameters": [sid],
             "post": {"summary": tool.summary, "description": tool.description, "operationId": name,
                      "parameters": [{"name": "images", "in": "query", "required": False,
                                      "schema": {"type": "string", "enum": ["url", "data"]},
                                      "description": "Return images as signed URLs (default) or data: URIs"}],
-                     "requestBody": {"required": True, "content": {"application/json": {
+                     # A tool without required fields also takes an empty body (all defaults).
+                     "requestBody": {"required": any(p.required for p in tool.params), "content": {
+                         "application/json": {
                          "schema": {"$ref": f"#/components/schemas/{name}"}}}},
-                     "responses": {"200": _tool_ok(), **_errors(400, 401, 404, 409, 503)}}}
+                     "responses": {"200": _tool_ok(), **_errors(400, 401, 404, 409, 413, 503, 507)}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "broker", "version": __version__,

@@ -11,6 +11,7 @@ class SessionsHandler(BaseHandler):
         self.write_json([s.model() for s in self.sessions.list(self.current_user)])
 
     async def post(self):
+        self.json_body()    # no fields yet, but a body that is not JSON is a 400, not ignored
         s = await self.sessions.create(self.current_user)
         self.set_header("Location", f"/api/sessions/{s.id}")
         self.write_json(s.model(), 201)
