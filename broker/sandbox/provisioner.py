@@ -569,6 +569,11 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         return self.connection_info
 
     async def cleanup(self, restart: bool = False) -> None:
+        if not restart and getattr(self, "shell_sandbox", None) is not None:
+            # The session's shell sandbox runs as this kernel's uid over its
+            # mounted folder: it ends with them (broker/sandbox/shell.py).
+            self.shell_sandbox.close()
+            self.shell_sandbox = None
         if self._cgroup:
             self._cgroup.kill_all()
         if restart:
