@@ -300,6 +300,7 @@ class ShellHelper:
         self.closed = False
         self.starts = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._drainer: asyncio.Future | None = None
 
     @property
     def alive(self) -> bool:
@@ -340,7 +341,7 @@ class ShellHelper:
             raise ShellHelperError(f"the shell sandbox did not start: {why.decode('utf-8', 'replace').strip()}")
         # Its stderr (a line when it quits on purpose) is read and dropped, so
         # the pipe never fills.
-        asyncio.ensure_future(self._drain(self.proc))
+        self._drainer = asyncio.ensure_future(self._drain(self.proc))
 
     @staticmethod
     async def _drain(proc) -> None:
@@ -449,6 +450,9 @@ class ShellHelper:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+        if self._drainer is not None:
+            self._drainer.cancel()
+            self._drainer = None
         if self.proc is not None and self.proc.returncode is None:
             try:
                 self.proc.kill()
