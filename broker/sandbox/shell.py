@@ -301,6 +301,8 @@ class ShellHelper:
         self.starts = 0
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drainer: asyncio.Future | None = None
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def alive(self) -> bool:
@@ -386,6 +388,15 @@ class ShellHelper:
 
     async def run(self, command: str, *, timeout: float, output_limit: int = 1 << 20,
                   progress: Callable[[dict], None] | None = None) -> ShellResult:
+        """One command at a time (a second caller waits for the first)."""
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock, self._lock_loop = asyncio.Lock(), loop
+        async with self._lock:
+            return await self._run(command, timeout, output_limit, progress)
+
+    async def _run(self, command: str, timeout: float, output_limit: int,
+                   progress: Callable[[dict], None] | None) -> ShellResult:
         if self.closed:
             raise ShellHelperError("this shell helper is closed")
         start = time.monotonic()
