@@ -80,10 +80,12 @@ L3 = "L3 + unshare + sh launcher"
 L4 = "L4 + mount --bind staging (product argv)"
 L5 = "L5 + cgroup join (run_shell's process)"
 S0 = "S0 run_shell, cgroups=off"
-RUN_SHELL = "run_shell (direct)"
+RUN_SHELL = "run_shell (direct, fresh sandbox)"
+HELPER = "run_shell via a session shell sandbox"
 REST = "REST RunShellCommand"
+REST_FRESH = "REST RunShellCommand, shell_helper off"
 REST_DIAG = "REST, timing-launcher broker"
-ORDER = [BARE, L1, L2, L3, L4, L5, S0, RUN_SHELL, REST, REST_DIAG]
+ORDER = [BARE, L1, L2, L3, L4, L5, S0, RUN_SHELL, HELPER, REST, REST_FRESH, REST_DIAG]
 
 DIAG_WRAP = ["broker.tools:call_tool", "broker.tools:run_shell", "broker.tools:record",
              "broker.changes:ChangeTracker.begin", "broker.changes:ChangeTracker.end",
@@ -132,8 +134,18 @@ class Shell:
         self.prlimit = [self.tools["prlimit"]] + [f"--{k}={v}" for k, v in self.rlimits.items()] + ["--"]
         self.env = {"PATH": bw.LAUNCH_PATH}
         self.no_cg = SandboxSettings(cgroups="off")
+        # As a session keeps them: one shell cgroup and one long-lived shell
+        # sandbox (kept on this object as ``shell_sandbox``).
+        self.shell_sandbox = None
+        self.session_cg = (cgroups.Cgroup.create(f"sh-bench-{uuid.uuid4().hex[:12]}", self.settings.memory_limit,
+                                                 self.settings.pids_limit, self.settings.cpu_limit, self.cg_version)
+                           if self.cg_version else None)
 
     def close(self) -> None:
+        if self.shell_sandbox is not None:
+            self.shell_sandbox.close()
+        if self.session_cg is not None:
+            self.session_cg.remove()
         shutil.rmtree(self.root, ignore_errors=True)
         self.ident.release()
 
@@ -203,9 +215,9 @@ class Shell:
         finally:
             cg.remove()
 
-    async def _run_shell(self, settings) -> float:
+    async def _run_shell(self, settings, **kwargs) -> float:
         t0 = time.perf_counter()
-        r = await run_shell(CMD, self.data, settings, timeout=60)
+        r = await run_shell(CMD, self.data, settings, timeout=60, **kwargs)
         dt = time.perf_counter() - t0
         if r.exit_code != 0 or r.stdout != "hi\n":
             raise RuntimeError(f"run_shell: {r}")
@@ -216,6 +228,9 @@ class Shell:
 
     async def run_shell(self) -> float:
         return await self._run_shell(self.settings)
+
+    async def helper(self) -> float:
+        return await self._run_shell(self.settings, cgroup=self.session_cg, helper_host=self)
 
 
 class RestShell:
@@ -313,14 +328,19 @@ def table(title: str, times: dict, k: int) -> tuple[dict, list[str]]:
             step = f"{(s['median'] - stats[prev]['median']) * 1e3:+8.2f}"
         elif name == RUN_SHELL:
             step = f"{(s['median'] - stats[L5]['median']) * 1e3:+8.2f}"
-        elif name == REST:
+        elif name == REST and HELPER in stats:
+            step = f"{(s['median'] - stats[HELPER]['median']) * 1e3:+8.2f}"
+        elif name == REST_FRESH:
             step = f"{(s['median'] - stats[RUN_SHELL]['median']) * 1e3:+8.2f}"
         lines.append(f"{name:<44} {s['n']:>5} {s['median'] * 1e3:>8.2f} {s['p99'] * 1e3:>8.2f} {s['min'] * 1e3:>8.2f} "
                      f"{s['median'] / bare:>7.2f} {step:>8}")
         prev = L4 if name == L5 else name
     lines.append("(step: p50 minus the row above; L5 and S0 against L4, run_shell against L5, REST against "
-                 f"run_shell.  The product's bwrap argv stages {k} host paths.)")
-    for name in (REST, RUN_SHELL):
+                 "the session shell sandbox, REST with shell_helper off against run_shell (fresh).  The product's "
+                 f"bwrap argv stages {k} host paths.)")
+    for name in (REST, HELPER, REST_FRESH, RUN_SHELL):
+        if name not in stats:
+            continue
         r = stats[name]["median"] / bare
         lines.append(f"{name} / bare p50: {r:.2f} (p99 {stats[name]['p99'] / stats[BARE]['p99']:.2f}); "
                      f"target <= {TARGET}: {'PASS' if r <= TARGET else 'FAIL'}")
@@ -355,8 +375,11 @@ def main(argv=None) -> int:
         broker = Broker(0).start()
         brokers.append(broker)
         rest = RestShell(broker)
+        fresh_broker = Broker(0, "--SandboxProvisioner.shell_helper=False").start()
+        brokers.append(fresh_broker)
         targets = {BARE: sh.bare, L1: sh.l1, L2: sh.l2, L3: sh.l3, L4: sh.l4, L5: sh.l5, S0: sh.s0,
-                   RUN_SHELL: sh.run_shell, REST: rest.once}
+                   RUN_SHELL: sh.run_shell, HELPER: sh.helper, REST: rest.once,
+                   REST_FRESH: RestShell(fresh_broker).once}
         if args.diagnose:
             diag_broker = Broker(0, wrap=DIAG_WRAP).start()
             brokers.append(diag_broker)
@@ -377,6 +400,7 @@ def main(argv=None) -> int:
         for b in brokers:
             b.stop()
         sh.close()
+        loop.run_until_complete(asyncio.sleep(0.2))     # let the shell sandbox's transports close
         loop.close()
 
     s1, lines1 = table(f"\n[1] spaced: {args.gap:g} s before every sample", spaced, k)

@@ -421,7 +421,7 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
             settings = s.kernel.provisioner
             r = await run_shell(cmd, s.data_dir, settings, timeout=args["timeoutSeconds"],
                                 output_limit=s.manager.shell_output_limit, cgroup=s.shell_cgroup(settings),
-                                progress=ctx.progress)
+                                progress=ctx.progress, helper_host=settings)
         finally:
             s.touch()
             changes = tracker.end(rec)

@@ -208,6 +208,11 @@ def main(argv=None) -> None:
     # bind a TCP port (no network, no fork).  Not worth a warning per start.
     warnings.filterwarnings("ignore", message="Couldn't bind IOPub Pipe")
 
+    # The kernelspec says debugger: false, and debugpy (with pydevd, ~80
+    # modules) is never used here: keep ipykernel from importing it, which
+    # it does only to offer the debugger (it checks for ImportError).
+    sys.modules.setdefault("debugpy", None)
+
     from ipykernel.kernelapp import launch_new_instance
 
     launch_new_instance(argv=["-f", args.connection_file,

@@ -138,6 +138,14 @@ def _broker_sandbox_startup():
 
     formatter.format = _format
 
+    # The boot script kept ipykernel from importing debugpy (the debugger is
+    # off; ~7 MiB per kernel).  ipykernel is loaded now: let user code import
+    # it again if it wants to.
+    import sys
+
+    if "debugpy" in sys.modules and sys.modules["debugpy"] is None:
+        del sys.modules["debugpy"]
+
 
 _broker_sandbox_startup()
 del _broker_sandbox_startup

@@ -142,10 +142,15 @@ class Canary:
 # --- shell sandbox ------------------------------------------------------------
 
 class ShellBox:
-    """A data folder owned by a leased sandbox uid, for run_shell."""
+    """A data folder owned by a leased sandbox uid, for run_shell.
 
-    def __init__(self, settings=None):
-        from broker.sandbox import identity
+    *helper*: run every command as a session does, through the box's
+    long-lived shell sandbox (:class:`broker.sandbox.shell.ShellHelper`, kept
+    on the box as ``shell_sandbox``) in a cgroup of the box's own; otherwise
+    each command gets a fresh sandbox."""
+
+    def __init__(self, settings=None, helper: bool = False):
+        from broker.sandbox import cgroups, identity
         from broker.sandbox.settings import SandboxSettings
 
         self.settings = settings or SandboxSettings()
@@ -157,13 +162,61 @@ class ShellBox:
         self.data = os.path.join(self.root, "data")
         os.mkdir(self.data, 0o700)
         os.chown(self.data, self.uid, self.uid)
+        self.helper = helper
+        self.shell_sandbox = None
+        self.cgroup = None
+        self.loop = asyncio.new_event_loop()
+        if helper and self.settings.cgroups != "off" and cgroups.detect():
+            s = self.settings
+            self.cgroup = cgroups.Cgroup.create(f"sh-box-{secrets.token_hex(6)}", s.memory_limit, s.pids_limit,
+                                                s.cpu_limit, cgroups.detect())
 
-    def run(self, command: str, timeout: float = 30, **kwargs):
+    def shell(self, command: str, timeout: float = 30, **kwargs):
+        """The run_shell coroutine for *command*, in this box's mode (run it
+        with :meth:`drive`)."""
         from broker.sandbox.shell import run_shell
 
-        return asyncio.run(run_shell(command, self.data, self.settings, timeout=timeout, **kwargs))
+        if self.helper:
+            kwargs.setdefault("cgroup", self.cgroup)
+            kwargs.setdefault("helper_host", self)
+        return run_shell(command, self.data, self.settings, timeout=timeout, **kwargs)
+
+    def drive(self, coro):
+        """Run *coro* on the box's event loop (a helper belongs to one loop)."""
+        return self.loop.run_until_complete(coro)
+
+    def run(self, command: str, timeout: float = 30, **kwargs):
+        return self.drive(self.shell(command, timeout, **kwargs))
+
+    def helper_pids(self) -> set[int]:
+        """The host pids of the box's shell sandbox between commands: its
+        bwrap monitor and the helper (pid 1 inside)."""
+        h = self.shell_sandbox
+        if h is None or h.proc is None or h.proc.returncode is not None:
+            return set()
+        try:
+            top = psutil.Process(h.proc.pid)
+            return {top.pid} | {c.pid for c in top.children(recursive=True)}
+        except psutil.NoSuchProcess:
+            return set()
+
+    def leftovers(self, timeout: float = 3.0) -> list:
+        """Processes of the box's uid other than its idle shell sandbox."""
+        keep = self.helper_pids()
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [p for p in uid_processes(self.uid) if p.pid not in keep]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.05)
 
     def close(self) -> None:
+        if self.shell_sandbox is not None:
+            self.shell_sandbox.close()
+            self.drive(asyncio.sleep(0.05))
+        if self.cgroup is not None:
+            self.cgroup.remove()
+        self.loop.close()
         left = wait_no_processes(self.uid)
         for p in left:
             try:

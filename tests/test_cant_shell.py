@@ -3,8 +3,11 @@
 Each command runs through :func:`broker.sandbox.shell.run_shell` over a
 temporary data folder owned by a leased uid from the sandbox range (as
 run_shell does for a session: it takes the folder owner's uid).  Every case
-asserts the refusal and then that the next command in a fresh sandbox
-works; cases that make processes also prove nothing is left behind.
+asserts the refusal and then that the next command works; cases that make
+processes also prove nothing is left behind.  Every case runs twice: through
+a session's long-lived shell sandbox ("helper", what RunShellCommand uses:
+one sandbox per session whose pid 1 forks each command) and with a fresh
+sandbox per command ("fresh", SandboxSettings.shell_helper = False).
 """
 
 from __future__ import annotations
@@ -21,28 +24,28 @@ import psutil
 import pytest
 
 from broker.sandbox.provisioner import python_paths
-from broker.sandbox.shell import SHELL_ENV, run_shell, shell_ro_paths
-from tests.cant_support import Canary, ShellBox, record_cgroups, token, uid_processes, wait_no_processes
+from broker.sandbox.shell import SHELL_ENV, shell_ro_paths
+from tests.cant_support import Canary, ShellBox, record_cgroups, token, uid_processes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def box():
-    b = ShellBox()
+@pytest.fixture(params=["helper", "fresh"])
+def box(request):
+    b = ShellBox(helper=request.param == "helper")
     yield b
     b.close()
 
 
 def still_works(box, started_after: float | None = None) -> None:
-    """The next command, in a fresh sandbox, runs normally."""
+    """The next command runs normally."""
     r = box.run("echo next-ok; pwd; id -u", timeout=15)
     assert r.exit_code == 0 and r.stdout.split() == ["next-ok", "/mnt/data", "1000"], r
     assert r.duration_ms < 5000, f"the next command took {r.duration_ms} ms"
 
 
 def no_leftovers(box, made_cgroups=()) -> None:
-    left = wait_no_processes(box.uid)
+    left = box.leftovers()
     assert not left, f"processes left behind: {[(p.pid, p.name()) for p in left]}"
     for group in made_cgroups:
         for d in group.dirs:
@@ -205,17 +208,16 @@ def test_cant_fork_bomb_past_pids_limit(box, monkeypatch):
 
         sampler = asyncio.ensure_future(sample())
         try:
-            return await run_shell("bomb() { bomb | bomb & }; bomb; sleep 2; echo BOMB-END",
-                                   box.data, box.settings, timeout=20)
+            return await box.shell("bomb() { bomb | bomb & }; bomb; sleep 2; echo BOMB-END", timeout=20)
         finally:
             done.set()
             await sampler
 
-    r = asyncio.run(scenario())
+    r = box.drive(scenario())
     assert r.duration_ms < 20000, r.duration_ms
     assert "Resource temporarily unavailable" in r.stderr, "the bomb never hit a limit"
     assert 16 < peak[0] <= box.settings.pids_limit, f"peak {peak[0]} processes"
-    assert made and all(g.name.startswith("sh-") for g in made)
+    assert box.helper or (made and all(g.name.startswith("sh-") for g in made))
     no_leftovers(box, made)
     still_works(box)
 
@@ -464,3 +466,84 @@ def test_cant_block_ordinary_pipelines(box):
     st = os.stat(os.path.join(box.data, "log.txt"))
     assert st.st_uid == box.uid, "files made in the shell belong to the session's uid"
     still_works(box)
+
+
+# --- the session's long-lived shell sandbox (helper mode only) ---------------------------------
+
+@pytest.fixture
+def hbox():
+    b = ShellBox(helper=True)
+    yield b
+    b.close()
+
+
+def test_cant_leave_anything_for_the_next_command(hbox):
+    """Processes (even ones that left the command's session with setsid),
+    /tmp and /dev/shm files, a locked-down folder in /tmp and System V IPC
+    objects of one command are gone before the next command starts."""
+    r = hbox.run("""
+        setsid sleep 300 & (trap '' TERM HUP; sleep 301) &
+        echo left > /tmp/left; echo left > /dev/shm/left
+        mkdir -p /tmp/locked/deep && touch /tmp/locked/deep/f && chmod 000 /tmp/locked/deep /tmp/locked
+        ipcmk -M 4096 >/dev/null && echo SHM-MADE
+        echo done
+    """, timeout=15)
+    assert r.exit_code == 0 and "done" in r.stdout and "SHM-MADE" in r.stdout, r
+    starts = hbox.shell_sandbox.starts
+    r = hbox.run("ls -A /tmp /dev/shm; ps -e -o pid=,comm=; ipcs -m | grep -c '^0x' || true", timeout=15)
+    lines = r.stdout.split()
+    assert "left" not in lines and "locked" not in lines, r.stdout
+    assert "sleep" not in lines, r.stdout
+    assert lines[-1] == "0", f"System V shared memory survived: {r.stdout}"
+    # A SysV object cannot be removed from inside the helper's walls, so the
+    # helper ended its sandbox: the command after it ran in a fresh one.
+    assert hbox.shell_sandbox.starts == starts + 1
+    assert not hbox.leftovers()
+    still_works(hbox)
+
+
+def test_cant_kill_or_read_the_shell_helper(hbox):
+    """The helper is pid 1 of the shell sandbox, of the command's own uid:
+    signals from inside do not reach it, its /proc files and memory are
+    closed, and its rlimits cannot be lowered for the commands after."""
+    r = hbox.run("""
+        kill -9 1 2>&1; kill -STOP 1 2>&1; kill -9 -1 2>&1; echo SIGNALS-SENT
+        cat /proc/1/environ >/dev/null 2>&1 && echo ENVIRON-READ
+        ls /proc/1/fd >/dev/null 2>&1 && echo FDS-LISTED
+        dd if=/proc/1/mem bs=1 count=1 skip=4194304 >/dev/null 2>&1 && echo MEM-READ
+        echo 0 > /proc/1/oom_score_adj 2>/dev/null && echo OOM-ADJ-WRITTEN
+        echo done
+    """, timeout=15)
+    assert "SIGNALS-SENT" in r.stdout and "done" in r.stdout, r
+    for leak in ("ENVIRON-READ", "FDS-LISTED", "MEM-READ", "OOM-ADJ-WRITTEN"):
+        assert leak not in r.stdout, r.stdout
+    assert hbox.shell_sandbox.starts == 1, "the helper died from a signal sent inside"
+    r = hbox.run("prlimit --pid 1 --nofile=16:16 && echo LOWERED", timeout=15)
+    assert "LOWERED" in r.stdout, r      # allowed (same uid): the helper must notice
+    r = hbox.run("prlimit --pid $$ --nofile --noheadings -o SOFT,HARD", timeout=15)
+    assert r.exit_code == 0 and r.stdout.split() == ["1024", "1024"], r
+    assert hbox.shell_sandbox.starts == 2
+    still_works(hbox)
+
+
+def test_cant_break_the_session_by_killing_its_shell_sandbox(hbox):
+    """The helper dying under a command (as an OOM kill would do) ends that
+    command with SIGKILL; the next command gets a fresh shell sandbox."""
+    hbox.run("true")
+    pids = hbox.helper_pids()
+
+    async def scenario():
+        task = asyncio.ensure_future(hbox.shell("echo started; sleep 60", timeout=30))
+        await asyncio.sleep(1.0)
+        for pid in pids:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        return await task
+
+    r = hbox.drive(scenario())
+    assert r.signal == 9 and r.exit_code is None and r.duration_ms < 10000, r
+    assert not hbox.leftovers()
+    still_works(hbox)
+    assert hbox.shell_sandbox.starts == 2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
+import psutil
+
 from broker.links import LinkSigner, Links
 from broker.sessions import SessionManager
 from broker.tools import ToolContext, call_tool
@@ -36,8 +38,9 @@ def test_a_long_data_root_still_works(tmp_path):
 
 def test_shell_commands_share_one_session_cgroup_left_empty(tmp_path):
     """A session's shell commands run in one cgroup of its own (on cgroup v1
-    the first join of a fresh group costs ~10 ms in the kernel), emptied after
-    each command and removed with the session."""
+    the first join of a fresh group costs ~10 ms in the kernel), holding the
+    session's shell sandbox (its bwrap and the helper) and nothing of a
+    command after it ends; removed with the session."""
     async def main():
         m = SessionManager(data_root=str(tmp_path / "s"), pool_size=0)
         m.restore()
@@ -52,7 +55,11 @@ def test_shell_commands_share_one_session_cgroup_left_empty(tmp_path):
                 if cg is None:   # no writable cgroup here: a fresh one per command, nothing to share
                     return
                 groups.append(cg)
-                assert cg.pids() == set(), "a process of the command outlived it in the session's group"
+                helper = s.kernel.provisioner.shell_sandbox
+                top = psutil.Process(helper.proc.pid)
+                sandbox = {top.pid} | {c.pid for c in top.children(recursive=True)}
+                assert len(sandbox) == 2, "the idle shell sandbox is its bwrap and the helper"
+                assert cg.pids() == sandbox, "a process of the command outlived it in the session's group"
             assert groups[0] is groups[1]
             dirs = list(groups[0].dirs)
             assert all(os.path.isdir(d) for d in dirs)

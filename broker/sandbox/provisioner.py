@@ -19,6 +19,7 @@ created one.  ``cleanup(restart=False)`` releases all of them.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import fcntl
 import json
@@ -355,6 +356,46 @@ def python_paths() -> list[str]:
     return sorted(paths)
 
 
+PR_SET_MEMORY_MERGE = 67
+ADDR_NO_RANDOMIZE = 0x0040000
+KSM_DIR = "/sys/kernel/mm/ksm"
+
+
+def ksm_on(pages_to_scan: int, log) -> None:
+    """As root, turn the host's ksmd on (it scans only processes that asked)."""
+    if not prereq.is_root():
+        return
+    try:
+        with open(os.path.join(KSM_DIR, "run")) as fh:
+            if fh.read().strip() != "1":
+                with open(os.path.join(KSM_DIR, "run"), "w") as out:
+                    out.write("1")
+        if pages_to_scan:
+            with open(os.path.join(KSM_DIR, "pages_to_scan"), "w") as out:
+                out.write(str(pages_to_scan))
+    except OSError as exc:
+        log.warning("memory_merge: cannot turn KSM on (%s): kernels are marked mergeable but not merged", exc)
+
+
+def memory_preexec(merge: bool, fixed: bool):
+    """The launch's pre-exec step (in the forked child, before the launcher
+    runs): PR_SET_MEMORY_MERGE and ADDR_NO_RANDOMIZE, both kept across exec
+    and uid changes down to the kernel (the kernel's seccomp profile refuses
+    personality changes inside).  The libc functions are looked up here, in
+    the parent: the child only calls them."""
+    if not merge and not fixed:
+        return None
+    libc = ctypes.CDLL(None, use_errno=True)
+    prctl, personality = libc.prctl, libc.personality
+
+    def pre() -> None:
+        if merge:
+            prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0)    # EINVAL before Linux 6.4: left unmerged
+        if fixed:
+            personality(ADDR_NO_RANDOMIZE)
+    return pre
+
+
 class SandboxProvisioner(SandboxSettings, LocalProvisioner):
     """Starts each kernel inside bubblewrap + seccomp + Landlock + cgroup."""
 
@@ -556,11 +597,13 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
                            as_root=prereq.is_root(), rlimits=self.rlimits(own_uid=prereq.is_root()),
                            procs_files=self._cgroup.ensure().procs_files if self._cgroup else [],
                            stage_dir=os.path.join(self.state_dir, "stage"), tools=self._tools)
+        if self.memory_merge:
+            ksm_on(self.ksm_pages_to_scan, self.log)
         try:
             self.process = subprocess.Popen(
                 launch.argv, env=launch.env, pass_fds=launch.pass_fds, stdin=subprocess.DEVNULL,
                 stdout=kwargs.get("stdout"), stderr=kwargs.get("stderr"), start_new_session=True,
-                close_fds=True, cwd="/")
+                close_fds=True, cwd="/", preexec_fn=memory_preexec(self.memory_merge, self.fixed_layout))
         finally:
             launch.close_fds()
         self.pid = self.process.pid
@@ -569,6 +612,11 @@ class SandboxProvisioner(SandboxSettings, LocalProvisioner):
         return self.connection_info
 
     async def cleanup(self, restart: bool = False) -> None:
+        if not restart and getattr(self, "shell_sandbox", None) is not None:
+            # The session's shell sandbox runs as this kernel's uid over its
+            # mounted folder: it ends with them (broker/sandbox/shell.py).
+            self.shell_sandbox.close()
+            self.shell_sandbox = None
         if self._cgroup:
             self._cgroup.kill_all()
         if restart:

@@ -81,6 +81,24 @@ class SandboxSettings(LoggingConfigurable):
     quota = CaselessStrEnum(["auto", "loop", "off"], default_value="auto", config=True,
         help="""How /mnt/data's size is capped. 'loop' (the default as root, for folders the broker
         creates): a loop-mounted ext4 image; 'off': only RLIMIT_FSIZE.""")
+    shell_helper = Bool(True, config=True, help="""Run a session's shell commands in one long-lived
+        shell sandbox per session (started on its first command, same walls), whose pid 1 forks each
+        command, instead of a fresh sandbox per command: about 2x faster per command. Between two
+        commands every process of the last one is killed and /tmp and /dev/shm are emptied; see
+        docs/shell.md. False: a fresh bwrap sandbox per command.""")
+    memory_merge = Bool(False, config=True, help="""Let the kernel merge identical memory pages
+        of kernels (KSM): each kernel is started with PR_SET_MEMORY_MERGE (Linux 6.4 or later), and
+        as root the broker turns the host's ksmd on (/sys/kernel/mm/ksm/run = 1, a host-wide
+        setting it leaves on; only processes that asked are scanned). Pages are merged only while
+        identical and copied again on the first write, so no kernel sees or changes another's data;
+        ksmd costs CPU (see ksm_pages_to_scan and docs/benchmarks.md).""")
+    ksm_pages_to_scan = Integer(0, min=0, config=True, help="""With memory_merge as root: set the
+        host's /sys/kernel/mm/ksm/pages_to_scan (pages ksmd scans per wake-up, every
+        sleep_millisecs, 20 ms by default) to this; 0 leaves the host's value (100).""")
+    fixed_layout = Bool(False, config=True, help="""Start kernels with address-space randomisation
+        off (personality ADDR_NO_RANDOMIZE), so that kernels which imported the same libraries hold
+        more identical pages for memory_merge to share. The sandbox already runs arbitrary code
+        and exposes no other process to it, so randomisation protects nothing inside it.""")
     landlock = Bool(True, config=True, help="Apply Landlock inside the sandbox where the kernel supports it (best effort).")
     seccomp_profile = Unicode("kernel", config=True, help="The seccomp profile for kernels (a file in seccomp/).")
     figure_autoshow = Bool(True, config=True, help="""Show matplotlib figures left open at the end of a
