@@ -70,3 +70,11 @@ class TooManySessions(BrokerError):
 class SessionBusy(BrokerError):
     status = 409
     reason = "session_busy"
+
+
+class ShuttingDown(BrokerError):
+    """The broker is stopping (SIGTERM): new calls are refused, running ones
+    get a grace period (ServeApp.shutdown_grace)."""
+
+    status = 503
+    reason = "shutting_down"
