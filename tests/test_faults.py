@@ -385,3 +385,54 @@ def test_new_call_during_shutdown_is_refused_with_503(fb):
     fb.stop()
     fb.start()
     fb.delete_session(sid)
+
+
+# -- the long version (make reliability) ------------------------------------------------------------
+
+@pytest.mark.long
+def test_broker_sigkill_at_random_moments_long(fb):
+    """Twenty kills at random moments of a mixed workload (uploads, code,
+    shell commands, transcript writes, kernel starts): after each restart
+    every transcript parses, no temporary file is left, every upload that
+    was answered 201 is there whole, and the sessions work."""
+    import random
+
+    rng = random.Random(11)
+    sids = [fb.create_session() for _ in range(2)]
+    confirmed: dict[tuple[str, str], str] = {}
+    kills, t_restart = 20, []
+    for k in range(kills):
+        calls = []
+        for sid in sids:
+            body = os.urandom(rng.choice([1 << 10, 1 << 20, 8 << 20]))
+            name = f"u{rng.randrange(4)}.bin"
+            calls.append((sid, name, sha(body), Call(put, fb, sid, name, body, timeout=120)))
+            calls.append((sid, None, None, Call(fb.run, sid, "print('y' * 50_000)")))
+            calls.append((sid, None, None, Call(fb.shell, sid, f"echo {k} >> log.txt")))
+        calls.append((None, None, None, Call(fb.post, "/api/sessions")))
+        time.sleep(rng.uniform(0.05, 1.5))
+        kill_broker(fb)
+        for sid, name, digest, c in calls:
+            c.join(30)
+            if name and c.result is not None and c.result.status_code == 201:
+                confirmed[(sid, name)] = digest
+        t0 = time.monotonic()
+        fb.start()
+        t_restart.append(time.monotonic() - t0)
+        for sid in sids:
+            transcript(fb, sid)
+            assert session_tmp_files(fb, sid) == []
+        for (sid, name), digest in confirmed.items():
+            got = get_file(fb, sid, name)
+            assert sha(got) == digest or any(  # a later, unanswered upload of the same name may have landed whole
+                c.result is None and n == name and s == sid for s, n, _d, c in calls), name
+            confirmed[(sid, name)] = sha(got)
+    for sid in sids:
+        assert fb.run(sid, "print('alive')")["stdout"] == "alive\n"
+    owned = {s["id"] for s in fb.get("/api/sessions").json()}
+    assert owned >= set(sids)
+    record("long: broker SIGKILL at random moments of a mixed workload", kills=kills, transcripts_torn=0,
+           temp_files_left=0, confirmed_uploads_lost=0, restart_s_max=round(max(t_restart), 2),
+           bounds={"transcripts_torn": 0, "confirmed_uploads_lost": 0})
+    for sid in owned:
+        fb.delete_session(sid)
