@@ -78,3 +78,10 @@ class ShuttingDown(BrokerError):
 
     status = 503
     reason = "shutting_down"
+
+
+class DataRootFull(BrokerError):
+    """The file system of the data root (sessions' meta.json, transcripts) is full."""
+
+    status = 507
+    reason = "data_root_full"

@@ -28,6 +28,7 @@ once or kept for a while under ``<data_root>/.ended/`` (``ended_files``).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -40,7 +41,7 @@ from traitlets import Enum, Float, Integer, TraitError, Unicode, default, valida
 from traitlets.config import LoggingConfigurable
 
 from broker.changes import ChangeTracker, ChangeTracking
-from broker.errors import SandboxError, SessionNotFound, ShuttingDown, TooManySessions
+from broker.errors import DataRootFull, SandboxError, SessionNotFound, ShuttingDown, TooManySessions
 from broker.execution import Executor, SessionKernel
 from broker.files import SessionFiles
 from broker.sandbox import prereq, volume
@@ -62,6 +63,14 @@ def _iso(ts: float) -> str:
 
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
+
+
+def _storage_error(exc: OSError, data_root: str) -> Exception:
+    """A full data root said as such (507); any other OSError as it is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataRootFull(f"the broker's data root {data_root} is full ({exc.strerror}); no session can be "
+                            "created until space is freed there")
+    return exc
 
 
 class Session:
@@ -626,7 +635,12 @@ class SessionManager(LoggingConfigurable):
             if pooled is not None:
                 now = time.time()
                 pooled.owner, pooled.created, pooled.last_activity = owner, now, now
-                pooled.save()
+                try:
+                    pooled.save()
+                except OSError as exc:
+                    pooled.owner = ""
+                    self._pool.insert(0, pooled)
+                    raise _storage_error(exc, self.data_root) from None
                 self.sessions[pooled.id] = pooled
                 # A moment's grace: a new session's first calls usually come
                 # at once and should not share the CPU with a kernel start.
@@ -646,11 +660,15 @@ class SessionManager(LoggingConfigurable):
         now = time.time()
         s = Session(self, sid, owner, now, now)
         s.env = dict(env or {})
-        os.makedirs(s.data_dir, mode=0o700)
-        self._ensure_runtime_dir()
-        os.makedirs(s.rt_dir, mode=0o700, exist_ok=True)
-        os.chmod(s.dir, 0o711)
-        s.save(starting=True)
+        try:
+            os.makedirs(s.data_dir, mode=0o700)
+            self._ensure_runtime_dir()
+            os.makedirs(s.rt_dir, mode=0o700, exist_ok=True)
+            os.chmod(s.dir, 0o711)
+            s.save(starting=True)
+        except OSError as exc:
+            self._remove_dir(s)
+            raise _storage_error(exc, self.data_root) from None
         try:
             await s.ensure_kernel()
             if owner:

@@ -14,6 +14,8 @@ import psutil
 
 from broker.sandbox import cgroups
 
+from tests.broker_server import BrokerProcess
+
 
 def descendants(pid: int) -> list[psutil.Process]:
     try:
@@ -146,3 +148,12 @@ class Call(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "background call did not finish"
         return self.result
+
+
+class PatientBroker(BrokerProcess):
+    """A broker subprocess given longer to start: these tests start brokers
+    again and again, and a loaded machine (a shared CI runner) can take a
+    minute to import and check the sandbox."""
+
+    def start(self, wait: float = 240.0) -> "PatientBroker":
+        return super().start(wait)

@@ -23,9 +23,8 @@ import requests
 
 from broker.sandbox import cgroups, prereq
 
-from tests.broker_server import BrokerProcess
-from tests.fault_helpers import (Call, broker_usage, kernel_processes, kill_tree, leftovers, mounts_under,
-                                 processes_named, wait_for)
+from tests.fault_helpers import (Call, PatientBroker, broker_usage, kernel_processes, kill_tree, leftovers,
+                                 mounts_under, processes_named, wait_for)
 from tests.figures import record
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -33,7 +32,7 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fb(tmp_path_factory):
-    b = BrokerProcess(str(tmp_path_factory.mktemp("faults")), "--SessionManager.pool_size=0",
+    b = PatientBroker(str(tmp_path_factory.mktemp("faults")), "--SessionManager.pool_size=0",
                       "--ServeApp.shutdown_grace=3")
     b.start()
     yield b
@@ -232,7 +231,9 @@ def test_broker_sigkill_during_pool_refill(fb):
     """Pooled kernels belong to nobody: after a kill during a refill the
     restart removes them with every process, cgroup and mount."""
     fb.stop()
-    fb.extra += ["--SessionManager.pool_size=1", "--SessionManager.pool_refill_delay=0"]
+    plain = list(fb.extra)
+    fb.extra = [a for a in plain if "pool_size" not in a] + ["--SessionManager.pool_size=1",
+                                                             "--SessionManager.pool_refill_delay=0"]
     try:
         fb.start()
         pooled = wait_for(lambda: [d for d in os.listdir(fb.data_root) if len(d) == 36], timeout=60,
@@ -244,7 +245,7 @@ def test_broker_sigkill_during_pool_refill(fb):
                           timeout=30, interval=0.005, what="the refill to begin")
         kill_broker(fb)
     finally:
-        fb.extra = fb.extra[:-2]
+        fb.extra = plain
     fb.start()
     assert wait_for(lambda: not any(leftovers(fb, refill).values()), timeout=15, what="leftovers to go")
     assert sorted(d for d in os.listdir(fb.data_root) if len(d) == 36) == [taken]

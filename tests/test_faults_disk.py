@@ -21,8 +21,7 @@ import pytest
 
 from broker.sandbox import prereq
 
-from tests.broker_server import BrokerProcess
-from tests.fault_helpers import wait_for
+from tests.fault_helpers import PatientBroker, wait_for
 from tests.figures import record
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow]
@@ -40,7 +39,7 @@ def small_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def db(small_root, tmp_path_factory):
-    b = BrokerProcess(str(tmp_path_factory.mktemp("disk")), "--SessionManager.pool_size=0",
+    b = PatientBroker(str(tmp_path_factory.mktemp("disk")), "--SessionManager.pool_size=0",
                       "--SandboxSettings.quota=off", data_root=os.path.join(small_root, "sessions"))
     b.start()
     yield b
@@ -77,6 +76,9 @@ def test_data_root_full_then_space_returns(db, small_root):
 
     filled = fill(small_root)
     try:
+        r = db.post("/api/sessions")
+        assert r.status_code == 507 and r.json()["reason"] == "data_root_full", r.text
+        assert "data root" in r.json()["message"] and "full" in r.json()["message"], r.text
         r = db.put(f"/api/sessions/{sid}/files/new.bin", data=os.urandom(1 << 20))
         assert r.status_code == 507 and r.json()["reason"] == "quota_exceeded", r.text
         assert "full" in r.json()["message"], r.text
@@ -111,7 +113,8 @@ def test_data_root_full_then_space_returns(db, small_root):
     resumed = time.monotonic() - t0
     other = db.create_session()
     assert db.run(other, "print('new session')")["stdout"] == "new session\n"
-    record("fault: data root's file system full (24 MiB tmpfs)", filled_bytes=filled, upload_status=507,
+    record("fault: data root's file system full (24 MiB tmpfs)", filled_bytes=filled, create_status=507,
+           upload_status=507,
            exec_error="OSError ENOSPC", shell_error="No space left on device", files_corrupted=0,
            transcript_cells_after=cells, resumed_s=round(resumed, 2))
     db.delete_session(other)

@@ -16,8 +16,7 @@ import time
 import psutil
 import pytest
 
-from tests.broker_server import BrokerProcess
-from tests.fault_helpers import broker_usage
+from tests.fault_helpers import PatientBroker, broker_usage
 from tests.figures import record
 
 pytestmark = [pytest.mark.long, pytest.mark.reliability]
@@ -48,7 +47,7 @@ def one_round(b, sid: str, n: int) -> None:
 
 
 def test_soak(tmp_path):
-    b = BrokerProcess(str(tmp_path / "soak"), "--SessionManager.pool_size=1")
+    b = PatientBroker(str(tmp_path / "soak"), "--SessionManager.pool_size=1")
     b.start()
     try:
         sids = [b.create_session() for _ in range(SESSIONS)]
