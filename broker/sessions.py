@@ -437,6 +437,8 @@ class SessionManager(LoggingConfigurable):
                 continue
             self._check_volume(s)
             self._remove_upload_tmp(s)
+            # Imported here as Session.transcript does: broker.transcripts
+            # imports nbformat (its jsonschema costs seconds of CPU at import).
             from broker.transcripts import set_aside_if_unreadable
 
             set_aside_if_unreadable(os.path.join(folder, "transcript.ipynb"), sid, self.log)
