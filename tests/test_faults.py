@@ -392,7 +392,7 @@ def test_new_call_during_shutdown_is_refused_with_503(fb):
 
 @pytest.mark.long
 def test_broker_sigkill_at_random_moments_long(fb):
-    """Twenty kills at random moments of a mixed workload (uploads, code,
+    """Twenty kills (BROKER_RANDOM_KILLS) at random moments of a mixed workload (uploads, code,
     shell commands, transcript writes, kernel starts): after each restart
     every transcript parses, no temporary file is left, every upload that
     was answered 201 is there whole, and the sessions work."""
@@ -401,7 +401,7 @@ def test_broker_sigkill_at_random_moments_long(fb):
     rng = random.Random(11)
     sids = [fb.create_session() for _ in range(2)]
     confirmed: dict[tuple[str, str], str] = {}
-    kills, t_restart = 20, []
+    kills, t_restart = int(os.environ.get("BROKER_RANDOM_KILLS", "20")), []
     for k in range(kills):
         calls = []
         for sid in sids:
