@@ -146,6 +146,10 @@ class ServeApp(Application):
     metrics_per_session = Bool(False, config=True, help="""Also export each session's memory and CPU on /metrics
         (labels session and owner). Off by default: every session id becomes a new series in Prometheus;
         the by-owner totals are always there.""")
+    shutdown_grace = Float(10.0, min=0, config=True, help="""Seconds calls still running when the broker is
+        told to stop (SIGTERM, SIGINT) get to finish. New calls are refused at once (503, reason shutting_down);
+        calls still running after this are stopped and answer with an error that says so. Then transcripts
+        are flushed, kernels stopped and the sessions' mounts removed (files are kept); the exit status is 0.""")
 
     @default("token")
     def _default_token(self):
@@ -295,9 +299,16 @@ class ServeApp(Application):
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        self.log.info("shutting down: stopping kernels (session files are kept)")
+        self.log.info("shutting down: letting running calls finish (up to %g s), then stopping kernels "
+                      "(session files are kept)", self.shutdown_grace)
         server.stop()
-        await self.sessions.shutdown()
+        await self.sessions.shutdown(grace=self.shutdown_grace)
+        # The calls stopped above answer now; then the connections close.
+        try:
+            await asyncio.wait_for(server.close_all_connections(), 2.0)
+        except asyncio.TimeoutError:
+            pass
+        self.log.info("stopped")
 
 
 def max_body_bytes(sessions) -> int:

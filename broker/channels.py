@@ -227,6 +227,9 @@ class IOPubHub:
             state = msg.content().get("execution_state")
             if state:
                 self.execution_state = state
+                # A cell that ran longer than the idle cooldown must not end
+                # its session the moment it finishes: its end counts as activity.
+                self.session.touch()
             if state == "idle":
                 info = self.tracked.pop(msg.parent_id, None)
                 self._out_bytes.pop(msg.parent_id, None)

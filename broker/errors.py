@@ -82,3 +82,18 @@ class MemoryLow(BrokerError):
     def __init__(self, message: str, retry_after: int = 30):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class ShuttingDown(BrokerError):
+    """The broker is stopping (SIGTERM): new calls are refused, running ones
+    get a grace period (ServeApp.shutdown_grace)."""
+
+    status = 503
+    reason = "shutting_down"
+
+
+class DataRootFull(BrokerError):
+    """The file system of the data root (sessions' meta.json, transcripts) is full."""
+
+    status = 507
+    reason = "data_root_full"

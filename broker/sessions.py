@@ -10,17 +10,25 @@ On disk, under the data root::
     <runtime_dir>/<id>/               the kernel's ZeroMQ ipc sockets (short path)
 
 A broker restart loses no files: sessions are read back from the data root
-and their kernels start again on first use.  ``meta.json`` also records
+and their kernels start again on first use.  The start-up scan (:meth:`SessionManager.restore`)
+also cleans up after a broker that was killed: half-written temporary files
+(meta.json, transcripts, uploads) are removed, the cgroups and mounts of
+kernels that died with it are removed, a folder whose ``meta.json`` is
+missing or unreadable is set aside under ``<data_root>/.quarantine/`` and an
+unreadable transcript is set aside next to the session, each with a log line
+naming it (docs/reliability.md).  ``meta.json`` also records
 whether the session's kernel has run code (``kernel_state``), so that the first
 code call in a new kernel (after a broker restart, a kernel that died between
 calls, a restart through the Jupyter API) says in its ``notice`` that the
 variables are gone and the files kept.  Sessions idle for longer than
-the cooldown are deleted, files and all.
+the cooldown end (never during an execution); their files are removed at
+once or kept for a while under ``<data_root>/.ended/`` (``ended_files``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import re
@@ -29,12 +37,12 @@ import shutil
 import time
 import uuid
 
-from traitlets import Float, Integer, Unicode, default
+from traitlets import Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from broker.admission import Admission
 from broker.changes import ChangeTracker, ChangeTracking
-from broker.errors import SandboxError, SessionNotFound, TooManySessions
+from broker.errors import DataRootFull, SandboxError, SessionNotFound, ShuttingDown, TooManySessions
 from broker.execution import Executor, SessionKernel
 from broker.files import SessionFiles
 from broker.sandbox import prereq, volume
@@ -43,6 +51,12 @@ from broker.sandbox.settings import ByteSize
 # Session ids are random UUIDs (122 random bits): jupyter_server's gateway
 # client only routes kernel ids of that shape.
 ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# Temporary files of an atomic write (meta.json, the transcript, an upload)
+# that a killed broker left behind: never a session's real file.
+SESSION_TMP_RE = re.compile(r"^\.(meta\.[0-9a-f]{8}\.json|transcript\.[0-9a-f]{8}\.tmp)$")
+UPLOAD_TMP_RE = re.compile(r"^\..*\.upload-[0-9a-f]{12}$", re.S)
+QUARANTINE = ".quarantine"      # <data_root>/.quarantine/<id>: folders the start-up scan could not read
+ENDED = ".ended"                # <data_root>/.ended/<id>: files of ended sessions kept (ended_files = keep)
 
 
 def _iso(ts: float) -> str:
@@ -50,6 +64,14 @@ def _iso(ts: float) -> str:
 
     return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z")
+
+
+def _storage_error(exc: OSError, data_root: str) -> Exception:
+    """A full data root said as such (507); any other OSError as it is."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataRootFull(f"the broker's data root {data_root} is full ({exc.strerror}); no session can be "
+                            "created until space is freed there")
+    return exc
 
 
 class Session:
@@ -79,6 +101,7 @@ class Session:
         self.kernel_state = False
         self._kernel_notice = ""
         self._changes: ChangeTracker | None = None
+        self.stop_notice = ""               # set when the broker's shutdown stopped a running call
 
     # -- state ----------------------------------------------------------------
     @property
@@ -120,13 +143,27 @@ class Session:
             self._changes.close()
             self._changes = None
 
-    def save(self) -> None:
+    def save(self, starting: bool = False) -> None:
+        """Write meta.json atomically (temporary file, fsync, rename).  *starting*
+        marks a session whose first kernel is still starting: nobody has its id
+        yet, so the start-up scan removes it if the broker died meanwhile."""
         meta = {"id": self.id, "owner": self.owner, "created": self.created, "last_activity": self.last_activity,
                 "env": self.env, "kernel_state": self.kernel_state, "kernel_notice": self._kernel_notice}
+        if starting:
+            meta["starting"] = True
         tmp = os.path.join(self.dir, f".meta.{secrets.token_hex(4)}.json")
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh)
-        os.replace(tmp, os.path.join(self.dir, "meta.json"))
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(meta, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, os.path.join(self.dir, "meta.json"))
+        except BaseException:
+            try:
+                os.unlink(tmp)      # a full disk leaves the previous meta.json and no temporary file
+            except OSError:
+                pass
+            raise
 
     # -- kernel -----------------------------------------------------------------
     async def ensure_kernel(self, reason: str = "restore") -> SessionKernel:
@@ -305,8 +342,18 @@ class SessionManager(LoggingConfigurable):
         xdg = os.environ.get("XDG_RUNTIME_DIR")
         return os.path.join(xdg, "broker-rt") if xdg else f"/tmp/broker-rt-{os.getuid()}"
 
-    idle_timeout_minutes = Integer(20, min=5, max=60, config=True, help="""Idle cooldown: a session with no
-        call for this many minutes is deleted with its files. Every call resets it. 5 to 60.""")
+    idle_timeout_minutes = Float(20, max=60, config=True, help="""Idle cooldown: a session with no call for
+        this many minutes ends (its kernel stops; its files go as ended_files says). Every call resets it, and
+        a session never ends while an execution runs (REST or WebSocket). min_idle_timeout_minutes (5) to 60.""")
+    min_idle_timeout_minutes = Float(5, min=0.001, config=True, help="""The lowest idle_timeout_minutes
+        accepted. For tests only: lowering it lets a test see sessions end within seconds. Leave it at 5.""")
+    ended_files = Enum(["remove", "keep"], "remove", config=True, help="""What happens to the files of a
+        session that ended after its idle cooldown: 'remove' deletes its folder at once; 'keep' moves it to
+        <data_root>/.ended/<id>/ (meta.json, transcript.ipynb, the data folder or its quota image data.img)
+        for ended_retention_hours, after which the culler removes it. A session deleted by its owner
+        (DELETE /api/sessions/{id}) is always removed at once.""")
+    ended_retention_hours = Float(24, min=0, config=True, help="""Hours the files of an ended session are
+        kept under <data_root>/.ended/ when ended_files = 'keep'; the culler removes them after that.""")
     max_sessions = Integer(100, min=1, config=True, help="Sessions alive at once, all owners together (429 past it).")
     max_sessions_per_owner = Integer(20, min=1, config=True, help="Sessions alive at once for one owner (429 past it).")
     cull_interval = Float(30.0, min=0.1, config=True, help="Seconds between checks for idle sessions.")
@@ -321,6 +368,14 @@ class SessionManager(LoggingConfigurable):
     max_read_bytes = ByteSize(128 << 20, config=True, help="Largest file the broker serves or reads back.")
     shell_output_limit = ByteSize(1 << 20, config=True, help="""Bytes of output (stdout and stderr together) one
         RunShellCommand may produce; past it the command is killed and the output marked truncated.""")
+
+    @validate("idle_timeout_minutes")
+    def _check_idle_timeout(self, proposal):
+        value = proposal["value"]
+        if value < self.min_idle_timeout_minutes:
+            raise TraitError(f"SessionManager.idle_timeout_minutes must be at least {self.min_idle_timeout_minutes:g} "
+                             f"(SessionManager.min_idle_timeout_minutes) and at most 60, not {value:g}")
+        return value
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -348,34 +403,124 @@ class SessionManager(LoggingConfigurable):
 
     # -- lifecycle ----------------------------------------------------------------
     def restore(self) -> int:
-        """Read back sessions left on disk by an earlier run."""
+        """Read back sessions left on disk by an earlier run, and clean up
+        after it if it was killed (see the module docstring).  A folder that
+        cannot be read back never stops the broker from starting."""
         os.makedirs(self.data_root, mode=0o711, exist_ok=True)
         from broker.sandbox import cgroups
 
         cgroups.sweep_empty()   # groups of kernels from an earlier run that did not shut down
         n = 0
-        for sid in os.listdir(self.data_root):
-            meta_path = os.path.join(self.data_root, sid, "meta.json")
-            if not ID_RE.match(sid) or not os.path.isfile(meta_path):
+        for sid in sorted(os.listdir(self.data_root)):
+            folder = os.path.join(self.data_root, sid)
+            if not ID_RE.match(sid) or not os.path.isdir(folder) or os.path.islink(folder):
                 continue
+            # Its kernel and shell commands died with the earlier broker
+            # (bwrap --die-with-parent); their groups are ours to remove.
+            cgroups.remove_named(f"k-{sid}")
+            cgroups.remove_named(f"sh-{sid}")
+            self._remove_tmp_files(folder)
+            meta_path = os.path.join(folder, "meta.json")
             try:
                 with open(meta_path) as fh:
                     meta = json.load(fh)
-                s = Session(self, sid, meta["owner"], meta["created"], meta["last_activity"])
-                if not s.owner:
-                    # A pooled session nobody took: nothing in it to keep.
-                    self._remove_dir(s)
-                    continue
-                s.env = dict(meta.get("env") or {})
+                if not isinstance(meta, dict) or not isinstance(meta.get("owner"), str):
+                    raise ValueError("no owner")
+                s = Session(self, sid, meta["owner"], float(meta["created"]), float(meta["last_activity"]))
+                s.env = {str(k): str(v) for k, v in dict(meta.get("env") or {}).items()}
                 s.kernel_state = bool(meta.get("kernel_state"))
                 s._kernel_notice = str(meta.get("kernel_notice") or "")
-            except (OSError, ValueError, KeyError) as exc:
-                self.log.warning("skipping session folder %s: %s", sid, exc)
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                if isinstance(exc, FileNotFoundError) and self._unused(folder):
+                    # Killed between making the folder and writing meta.json.
+                    self._remove_dir(Session(self, sid, "", 0, 0))
+                    continue
+                why = "no meta.json" if isinstance(exc, FileNotFoundError) else f"meta.json unreadable ({exc})"
+                self._quarantine(sid, why)
                 continue
-            self._mount(s)
+            if not s.owner or meta.get("starting"):
+                # A pooled session nobody took, or one whose first kernel was
+                # still starting (its id never reached anyone): nothing to keep.
+                self._remove_dir(s)
+                continue
+            try:
+                self._mount(s)
+            except (OSError, SandboxError) as exc:
+                self._quarantine(sid, f"its /mnt/data image could not be mounted ({exc})")
+                continue
+            self._check_volume(s)
+            self._remove_upload_tmp(s)
+            # Imported here as Session.transcript does: broker.transcripts
+            # imports nbformat (its jsonschema costs seconds of CPU at import).
+            from broker.transcripts import set_aside_if_unreadable
+
+            set_aside_if_unreadable(os.path.join(folder, "transcript.ipynb"), sid, self.log)
             self.sessions[sid] = s
             n += 1
         return n
+
+    @staticmethod
+    def _unused(folder: str) -> bool:
+        """A session folder with nothing in it worth keeping (no quota image, no files)."""
+        data = os.path.join(folder, "data")
+        try:
+            return set(os.listdir(folder)) <= {"data", "kernel.log"} and not os.listdir(data) \
+                and not os.path.ismount(data)
+        except FileNotFoundError:
+            return set(os.listdir(folder)) <= {"kernel.log"}
+
+    @staticmethod
+    def _remove_tmp_files(folder: str) -> None:
+        for name in os.listdir(folder):
+            if SESSION_TMP_RE.match(name):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                except OSError:
+                    pass
+
+    def _remove_upload_tmp(self, s: Session) -> None:
+        """An upload is written under a temporary name and renamed when
+        whole; a broker killed mid-write leaves only that temporary file."""
+        removed = 0
+        for top, dirs, files in os.walk(s.data_dir):
+            for name in files:
+                if UPLOAD_TMP_RE.match(name):
+                    try:
+                        os.unlink(os.path.join(top, name))
+                        removed += 1
+                    except OSError:
+                        pass
+        if removed:
+            self.log.warning("session %s: removed %d unfinished upload(s) left by an earlier run", s.id, removed)
+
+    def _check_volume(self, s: Session) -> None:
+        if prereq.is_root() and not volume.is_mounted(s.data_dir) and not os.path.exists(volume.image_path(s.data_dir)):
+            if os.listdir(s.data_dir):
+                self.log.warning("session %s: its /mnt/data quota image %s is missing; its files are in the folder "
+                                 "itself and only the per-file limit applies", s.id, volume.image_path(s.data_dir))
+            else:
+                self.log.warning("session %s: its /mnt/data quota image %s is missing; the files it held are "
+                                 "gone and a new, empty one is made at its next kernel start", s.id,
+                                 volume.image_path(s.data_dir))
+
+    def _quarantine(self, sid: str, why: str) -> None:
+        """Set a session folder the broker cannot use aside, whole, for an operator to look at."""
+        folder = os.path.join(self.data_root, sid)
+        if prereq.is_root():
+            volume.unmount(os.path.join(folder, "data"))
+            volume.unmount(os.path.join(self.runtime_dir, sid))
+        shutil.rmtree(os.path.join(self.runtime_dir, sid), ignore_errors=True)
+        qdir = os.path.join(self.data_root, QUARANTINE)
+        os.makedirs(qdir, mode=0o700, exist_ok=True)
+        dest = os.path.join(qdir, sid)
+        if os.path.exists(dest):
+            dest += time.strftime("-%Y%m%dT%H%M%SZ", time.gmtime())
+        try:
+            os.rename(folder, dest)
+        except OSError as exc:
+            self.log.error("session folder %s: %s; could not set it aside (%s): skipped", folder, why, exc)
+            return
+        self.log.warning("session folder %s: %s; set aside as %s", folder, why, dest)
 
     def _mount(self, s: Session) -> None:
         if prereq.is_root() and os.path.exists(volume.image_path(s.data_dir)):
@@ -399,24 +544,51 @@ class SessionManager(LoggingConfigurable):
                 self.log.exception("culling failed")
 
     async def cull_idle(self) -> list[str]:
+        """End the sessions idle past their cooldown (never one running an
+        execution) and remove kept files of ended sessions past their retention.
+        Pooled kernels belong to nobody and are never culled."""
         now = time.time()
         culled = []
         for s in list(self.sessions.values()):
             # Never under a running execution: a REST call holds the lock, a
             # WebSocket client's cell shows as the kernel's busy state.
-            if s.expires_at <= now and not s.lock.locked() and s.execution_state != "busy":
-                self.log.info("session %s idle since %s: deleting", s.id, _iso(s.last_activity))
-                await self._delete(s)
+            if s.expires_at <= now and not s.lock.locked() and s.execution_state != "busy" and not self._closing:
+                self.log.info("session %s idle since %s: ending it (files: %s)", s.id, _iso(s.last_activity),
+                              self.ended_files)
+                await self._delete(s, keep=self.ended_files == "keep")
                 culled.append(s.id)
+        self._remove_expired_ended(now)
         return culled
+
+    def _remove_expired_ended(self, now: float) -> None:
+        folder = os.path.join(self.data_root, ENDED)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False) and now - e.stat(follow_symlinks=False).st_mtime \
+                        >= self.ended_retention_hours * 3600:
+                    self.log.info("files of ended session %s kept for %g h: removing them", e.name,
+                                  self.ended_retention_hours)
+                    shutil.rmtree(e.path, ignore_errors=True)
+            except OSError:
+                continue
 
     @property
     def closing(self) -> bool:
         """True once shutdown() has begun."""
         return self._closing
 
-    async def shutdown(self) -> None:
-        """Stop every kernel; session folders stay for the next run."""
+    async def shutdown(self, grace: float = 0.0) -> None:
+        """Stop every kernel; session folders stay for the next run.
+
+        New calls are refused at once (:class:`ShuttingDown`).  Calls still
+        running get *grace* seconds to finish; after that their executions
+        are interrupted and their shell commands killed, and they answer
+        with an error that says so (``stop_notice``).  Then transcripts are
+        flushed, kernels stopped and every mount of every session removed."""
         self._closing = True
         if self._cull_task:
             self._cull_task.cancel()
@@ -426,6 +598,22 @@ class SessionManager(LoggingConfigurable):
             await asyncio.gather(self._pool_task, return_exceptions=True)
         pool, self._pool = self._pool, []
         await asyncio.gather(*(self._delete(s) for s in pool), return_exceptions=True)
+        if not await self._calls_done(grace):
+            busy = [s for s in self.sessions.values() if s.lock.locked()]
+            self.log.warning("%d call(s) still running %g s after the stop signal: interrupting them", len(busy),
+                             grace)
+            for s in busy:
+                s.stop_notice = (f"The broker is shutting down: this call was still running {grace:g} s after the "
+                                 "stop signal (ServeApp.shutdown_grace) and was stopped; files in /mnt/data are "
+                                 "kept. Call again when the broker is back.")
+                if s._shell_cgroup is not None:
+                    s._shell_cgroup.kill_all()
+                if s.kernel is not None and s.kernel.km.has_kernel:
+                    try:
+                        await s.kernel.km.interrupt_kernel()
+                    except Exception as exc:  # the kernel stops below in any case
+                        self.log.warning("session %s: interrupt failed: %s", s.id, exc)
+            await self._calls_done(5.0)
         await asyncio.gather(*(s._transcript.flush() for s in self.sessions.values() if s._transcript is not None),
                              return_exceptions=True)
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
@@ -437,8 +625,19 @@ class SessionManager(LoggingConfigurable):
             # Sockets are made again when the kernel next starts.
             shutil.rmtree(s.rt_dir, ignore_errors=True)
 
+    async def _calls_done(self, timeout: float) -> bool:
+        """Wait up to *timeout* seconds for every session's running call to end."""
+        deadline = time.monotonic() + timeout
+        while any(s.lock.locked() for s in self.sessions.values()):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     # -- operations ------------------------------------------------------------------
     async def create(self, owner: str, env: dict[str, str] | None = None) -> Session:
+        if self._closing:
+            raise ShuttingDown("the broker is shutting down; create the session again when it is back")
         async with self._lock:
             owned = sum(1 for s in self.sessions.values() if s.owner == owner) + self._reserved.get(owner, 0)
             if len(self.sessions) + sum(self._reserved.values()) >= self.max_sessions:
@@ -452,7 +651,12 @@ class SessionManager(LoggingConfigurable):
             if pooled is not None:
                 now = time.time()
                 pooled.owner, pooled.created, pooled.last_activity = owner, now, now
-                pooled.save()
+                try:
+                    pooled.save()
+                except OSError as exc:
+                    pooled.owner = ""
+                    self._pool.insert(0, pooled)
+                    raise _storage_error(exc, self.data_root) from None
                 self.sessions[pooled.id] = pooled
                 # A moment's grace: a new session's first calls usually come
                 # at once and should not share the CPU with a kernel start.
@@ -472,13 +676,19 @@ class SessionManager(LoggingConfigurable):
         now = time.time()
         s = Session(self, sid, owner, now, now)
         s.env = dict(env or {})
-        os.makedirs(s.data_dir, mode=0o700)
-        self._ensure_runtime_dir()
-        os.makedirs(s.rt_dir, mode=0o700, exist_ok=True)
-        os.chmod(s.dir, 0o711)
-        s.save()
+        try:
+            os.makedirs(s.data_dir, mode=0o700)
+            self._ensure_runtime_dir()
+            os.makedirs(s.rt_dir, mode=0o700, exist_ok=True)
+            os.chmod(s.dir, 0o711)
+            s.save(starting=True)
+        except OSError as exc:
+            self._remove_dir(s)
+            raise _storage_error(exc, self.data_root) from None
         try:
             await s.ensure_kernel("pool" if not owner else "new")
+            if owner:
+                s.save()
         except BaseException:
             await s.stop_kernel()
             self._remove_dir(s)
@@ -541,6 +751,9 @@ class SessionManager(LoggingConfigurable):
                 return
 
     def get(self, sid: str, owner: str) -> Session:
+        if self._closing:
+            raise ShuttingDown("the broker is shutting down; call again when it is back (the session and its "
+                               "files are kept)")
         s = self.sessions.get(sid)
         if s is None or s.owner != owner or s.deleted:
             raise SessionNotFound(sid)
@@ -552,17 +765,38 @@ class SessionManager(LoggingConfigurable):
     async def delete(self, sid: str, owner: str) -> None:
         await self._delete(self.get(sid, owner))
 
-    async def _delete(self, s: Session) -> None:
+    async def _delete(self, s: Session, keep: bool = False) -> None:
+        """End a session: its kernel stops and its folder is removed, or with
+        *keep* moved to <data_root>/.ended/<id>/ (ended_files = 'keep')."""
         s.deleted = True
         self.sessions.pop(s.id, None)
         s.close_changes()
         try:
             await s.stop_kernel()
+            if keep and s._transcript is not None:
+                await s._transcript.flush()
         finally:
             # Even when cancelled (shutdown stops the culler mid-delete): the
             # session is already gone from the table, so nothing else would
             # unmount and remove its folder.
+            if keep and s.owner and self._keep_ended(s):
+                return
             self._remove_dir(s)
+
+    def _keep_ended(self, s: Session) -> bool:
+        if prereq.is_root():
+            volume.unmount(s.data_dir)
+            volume.unmount(s.rt_dir)
+        shutil.rmtree(s.rt_dir, ignore_errors=True)
+        dest = os.path.join(self.data_root, ENDED, s.id)
+        try:
+            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+            os.rename(s.dir, dest)
+            os.utime(dest)      # the retention counts from the end
+        except OSError as exc:
+            self.log.error("session %s: could not keep its files in %s (%s); removing them", s.id, dest, exc)
+            return False
+        return True
 
     def _remove_dir(self, s: Session) -> None:
         if prereq.is_root():

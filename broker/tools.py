@@ -336,10 +336,14 @@ async def _run_python(ctx: ToolContext, code: str, timeout: int) -> dict:
             entry = ctx.image_entry(path, img["data"], img["mime"])
         images.append(entry)
         shown[id(img["output"])] = shown_digests[digest] = entry
+    if s.stop_notice and outcome.status != "success":
+        outcome.status, outcome.error = "error", {"ename": "BrokerShuttingDown", "evalue": s.stop_notice,
+                                                  "traceback": ""}
     return {
         "status": outcome.status, "stdout": outcome.stdout, "stderr": outcome.stderr, "result": outcome.result,
         "error": outcome.error, "images": images, "files": links, "execution_count": outcome.execution_count,
-        "duration_ms": outcome.duration_ms, "notice": " ".join(filter(None, (new_kernel, outcome.notice.strip()))),
+        "duration_ms": outcome.duration_ms,
+        "notice": " ".join(filter(None, (new_kernel, outcome.notice.strip(), s.stop_notice))),
         "truncated": outcome.truncated,
         "kernel_restarted": outcome.kernel_restarted, "outputs": outcome.outputs, "_shown": shown,
         "files_changed": _files_changed(changes),
@@ -436,6 +440,9 @@ async def run_shell_command(ctx: ToolContext, args: dict) -> dict:
                  "traceback": ""}
     elif r.truncated:
         notice = f"Output passed the {s.manager.shell_output_limit} byte limit; the command was stopped and the rest dropped."
+    elif s.stop_notice:
+        status, notice = "error", s.stop_notice
+        error = {"ename": "BrokerShuttingDown", "evalue": s.stop_notice, "traceback": ""}
     elif r.exit_code != 0:
         why = f"killed by signal {r.signal}" if r.signal else f"exited with status {r.exit_code}"
         error = {"ename": "CommandFailed", "evalue": f"the command {why}", "traceback": ""}

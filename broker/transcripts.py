@@ -46,6 +46,36 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
+def set_aside(path: str, session_id: str, why: str, log=None) -> str:
+    """Rename a transcript that cannot be read to ``transcript.corrupt-<UTC time>.ipynb``
+    beside it, with a log line naming it; the session starts a new one."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    dest = os.path.join(os.path.dirname(path), f"transcript.corrupt-{stamp}.ipynb")
+    os.replace(path, dest)
+    (log or logging.getLogger("broker")).warning("session %s: transcript %s is %s; set aside as %s and a new "
+                                                 "one begun", session_id, path, why, dest)
+    return dest
+
+
+def set_aside_if_unreadable(path: str, session_id: str, log=None) -> str | None:
+    """The broker's start-up check of a session's transcript: it must be a
+    JSON notebook (a torn or truncated file is set aside).  Only JSON is
+    parsed here; nbformat reads it in full when the session next records."""
+    try:
+        with open(path, "rb") as fh:
+            nb = json.load(fh)
+        if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list) or nb.get("nbformat") != 4:
+            raise ValueError("not an nbformat 4 notebook")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        try:
+            return set_aside(path, session_id, f"unreadable ({exc.__class__.__name__}: {str(exc)[:200]})", log)
+        except OSError:
+            return None
+    return None
+
+
 class TranscriptSettings(LoggingConfigurable):
     """How much of each output a session's transcript keeps."""
 
@@ -72,13 +102,17 @@ class Transcript:
         self._queue: list = []
         self._writer: asyncio.Task | None = None
         self._error: Exception | None = None
+        self.nb = None
         if os.path.exists(path):
             try:
                 self.nb = nbformat.read(path, as_version=4)
-            except Exception:
-                self.nb = None
-        else:
-            self.nb = None
+            except Exception as exc:
+                # Never written over: kept aside for a person to look at.
+                try:
+                    set_aside(path, session_id, f"unreadable ({exc.__class__.__name__}: {str(exc)[:200]})")
+                except OSError as err:
+                    raise OSError(err.errno, f"transcript {path} is unreadable and could not be set aside: "
+                                  f"{err.strerror}") from exc
         if self.nb is None:
             self.nb = new_notebook()
             self.nb.metadata["kernelspec"] = {"name": "python3-sandbox", "display_name": "Python 3 (sandbox)",

@@ -152,7 +152,7 @@ class McpAdapter:
             s = mine.session
             if s is not None and s.deleted:
                 minutes = self.sessions.idle_timeout_minutes
-                notice = (f"A new session was started: the previous one ended (idle for {minutes} minutes, or "
+                notice = (f"A new session was started: the previous one ended (idle for {minutes:g} minutes, or "
                           "deleted); its variables and files are gone.")
                 s = None
             if s is None:
