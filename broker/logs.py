@@ -81,7 +81,7 @@ class CallLog:
         logger.setLevel(logging.INFO)
         return cls(fmt, logger)
 
-    def line(self, kind: str, fields: dict, level: int = logging.INFO, traceback: str | None = None) -> str:
+    def line(self, kind: str, fields: dict, traceback: str | None = None) -> str:
         """Shape one line (and the traceback, if any); returns it as written."""
         now = time.time()
         if self.format == "json":
@@ -113,7 +113,7 @@ class CallLog:
 
     def write(self, kind: str, fields: dict, level: int = logging.INFO, traceback: str | None = None) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, self.line(kind, fields, level, traceback))
+            self.logger.log(level, self.line(kind, fields, traceback))
 
     def call(self, **fields) -> None:
         """One HTTP request: method, endpoint, status, duration_ms, session,

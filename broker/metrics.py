@@ -257,6 +257,11 @@ class Telemetry:
         if reason is not None:
             m.refused.labels(reason).inc()
 
-    def ws_execute(self, outcome: str, seconds: float) -> None:
+    def ws_execute(self, session, outcome: str, seconds: float, reply: dict) -> None:
+        """An execute_request over the kernel WebSocket got its reply (content *reply*)."""
         self.metrics.ws_executes.labels(outcome).inc()
         self.metrics.ws_seconds.observe(seconds)
+        refusal = sandbox_refusal({"error": reply}) if outcome == "error" else None
+        if refusal is not None:
+            self.metrics.refused.labels("sandbox").inc()
+            self.log.refusal(session.id, session.owner, "(websocket)", refusal)

@@ -284,11 +284,13 @@ def test_json_call_log_and_open_metrics(json_broker):
         ws.wait_ready()
         ex = ws.run("print('over the socket')")
         assert ex.reply["content"]["status"] == "ok"
+        ex = ws.run("import os; os.system('id')")
+        assert ex.reply["content"]["status"] == "error"
     deadline = time.monotonic() + 10
     while True:
         recs = _records(b)
         ws_lines = [r for r in recs if r["kind"] == "ws" and r.get("session") == sid]
-        if ws_lines or time.monotonic() > deadline:
+        if len(ws_lines) >= 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     call = [r for r in recs if r["kind"] == "http" and r.get("tool") == "ExecutePythonCode" and r["session"] == sid]
@@ -298,12 +300,16 @@ def test_json_call_log_and_open_metrics(json_broker):
     assert c["owner"] == "bob" and c["outcome"] == "success" and c["duration_ms"] > 0
     assert c["bytes_in"] > 0 and c["bytes_out"] > 0 and c["time"].endswith("Z")
     assert ws_lines, recs[-10:]
-    w = ws_lines[-1]
+    w = ws_lines[0]
     assert w["owner"] == "bob" and w["outcome"] == "ok" and w["duration_ms"] > 0
+    assert ws_lines[1]["outcome"] == "error"
     assert w["endpoint"] == "/api/kernels/{sid}/channels"
     per_session = samples(b.get("/metrics", owner=None).text)
     assert value(per_session, "broker_session_memory_bytes", session=sid, owner="bob") > 0
     assert value(per_session, "broker_session_cpu_seconds", session=sid, owner="bob") > 0
+    refusal = [r for r in recs if r["kind"] == "refusal" and r.get("session") == sid]
+    assert refusal and refusal[-1]["tool"] == "(websocket)" and "os.system" in refusal[-1]["message"], recs[-10:]
+    assert refusal[-1]["owner"] == "bob" and refusal[-1]["error"].endswith("PermissionError")
     opened = [r for r in recs if r["kind"] == "http" and r["endpoint"] == "/metrics"]
     assert opened and "owner" not in opened[0]
     with open(b.log_path, errors="replace") as fh:

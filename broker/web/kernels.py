@@ -296,9 +296,10 @@ class ChannelsHandler(websocket.WebSocketHandler):
         if started is None:
             return
         seconds = time.monotonic() - started[0]
-        outcome = str(msg.content().get("status") or "")
+        reply = msg.content()
+        outcome = str(reply.get("status") or "")
         if self.state.observer is not None:
-            self.state.observer.ws_execute(outcome, seconds)
+            self.state.observer.ws_execute(self.session, outcome, seconds, reply)
         self.state.call_log.ws_execute(method="WS", endpoint="/api/kernels/{sid}/channels", status="execute_reply",
                                        duration_ms=round(seconds * 1000, 1), session=self.session.id,
                                        owner=self.session.owner, outcome=outcome, bytes_in=started[1])
