@@ -228,6 +228,22 @@ def test_sign_in_refuses_a_wrong_token_and_keeps_the_token_out_of_urls(page, bro
     snap(page, shots, "02-signed-in")
 
 
+def test_cant_send_the_token_anywhere_by_form_without_script(browser, broker):
+    ctx = browser.new_context(java_script_enabled=False)
+    try:
+        pg = ctx.new_page()
+        sent = []
+        pg.on("request", lambda r: sent.append((r.url, r.post_data or "")))
+        pg.goto(broker.url + "/")
+        pg.fill("#token", "tok-secret-typed")
+        pg.click("#signin-button", no_wait_after=True)   # the blocked submission is a navigation that never ends
+        pg.wait_for_timeout(1000)
+        assert not [u for u, body in sent if "tok-secret-typed" in u + body], sent
+        assert "tok-secret-typed" not in pg.url
+    finally:
+        ctx.close()
+
+
 def test_notebook_streams_output_images_errors_and_counts(page, broker, shots):
     page.click("#new-session")
     expect(page.locator("#kernel-status")).to_have_text("idle")
