@@ -12,6 +12,7 @@ Subcommands:
   broker exec CODE            run Python in a session; output as it comes (docs/client.md)
   broker shell COMMAND        run a shell command in a session
   broker files ls|get|put|rm  a session's /mnt/data
+  broker router-config        the HAProxy configuration for several brokers (docs/scale.md)
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class ServeApp(Application):
     def init_sessions(self):
         from broker.links import LinkSigner
         from broker.sessions import SessionManager
+        from broker.snapshots import Snapshots
 
         self.sessions = SessionManager(parent=self)
         n = self.sessions.restore()
@@ -266,12 +268,12 @@ def make_web_app(state):
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
     from tornado import web
 
-    from broker.web import aca, files, kernels, mcp, openapi, sessions
+    from broker.web import aca, files, health, kernels, mcp, openapi, sessions
     from broker.web.base import NotFoundHandler
     from broker.web.root import RootHandler
 
     handlers = [(r"/", RootHandler), *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
-                *mcp.routes(state)]
+                *mcp.routes(state), *health.routes]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
     return web.Application(handlers, broker=state, default_handler_class=NotFoundHandler,
                            websocket_ping_interval=30, websocket_max_message_size=state.channels.max_message_bytes,
@@ -286,12 +288,12 @@ def serve_classes():
     from broker.results import ResultSettings
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
-
+    from broker.snapshots import Snapshots
     from broker.transcripts import TranscriptSettings
     from broker.web.mcp import McpSettings
 
     return [ServeApp, SessionManager, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
-            ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings]
+            ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings, Snapshots]
 
 
 class TranscriptApp(Application):
@@ -413,6 +415,8 @@ class BrokerApp(Application):
         "exec": ("broker.cli.run.ExecApp", "Run Python in a session, output as it comes."),
         "shell": ("broker.cli.run.ShellApp", "Run a shell command in a session, output as it comes."),
         "files": ("broker.cli.files.FilesApp", "A session's /mnt/data: ls, get, put, rm."),
+        "router-config": ("broker.cli.router.RouterConfigApp",
+                          "Write the HAProxy configuration for a router in front of several brokers."),
     }
 
     @property
