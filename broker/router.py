@@ -67,7 +67,7 @@ def socket_spec(runtime_api: str) -> str:
 
 
 def render(brokers: list[tuple[str, str, int]], *, bind: str, runtime_api: str, map_file: str,
-           peer_name: str = "router", peer_address: str = "127.0.0.1:10000", check_interval: str = "2s",
+           peer_name: str = "router", peer_address: str = "127.0.0.1:10000", check_interval: str = "2s", check_timeout: str = "10s",
            stick_expire: str = "24h", maxconn: int = 4000, server_maxconn: int = 1000, log: bool = False,
            template: str = TEMPLATE) -> str:
     """The HAProxy configuration for these brokers (see the template's header)."""
@@ -83,7 +83,7 @@ def render(brokers: list[tuple[str, str, int]], *, bind: str, runtime_api: str, 
         tmpl = string.Template(fh.read())
     return tmpl.substitute(
         bind=f"{bind_host}:{bind_port}", runtime_api=socket_spec(runtime_api), map_file=map_file,
-        peer_name=peer_name, peer_address=peer_address, check_interval=check_interval, stick_expire=stick_expire,
+        peer_name=peer_name, peer_address=peer_address, check_interval=check_interval, check_timeout=check_timeout, stick_expire=stick_expire,
         maxconn=maxconn, server_maxconn=server_maxconn, servers=servers, use_servers=use_servers,
         log_global="    log stdout format raw local0" if log else "",
         log_defaults="    log global\n    option httplog" if log else "")

@@ -42,7 +42,7 @@ class Haproxy:
         spec = ",".join(f"{name}=127.0.0.1:{b.port}" for name, b in brokers.items())
         cmd = [BROKER_BIN, "router-config", f"--brokers={spec}", f"--bind=127.0.0.1:{self.port}",
                f"--runtime-api={self.socket}", f"--map-file={self.map_file}",
-               f"--peer-address=127.0.0.1:{self.peer_port}", "--check-interval=500ms", "-o", self.cfg]
+               f"--peer-address=127.0.0.1:{self.peer_port}", "--check-interval=500ms", "--log-requests", "-o", self.cfg]
         if keep_overrides:
             cmd.append("--keep-overrides")
         subprocess.run(cmd, check=True, timeout=60, capture_output=True)
