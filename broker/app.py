@@ -210,6 +210,9 @@ class ServeApp(Application):
         from broker.snapshots import Snapshots
 
         self.sessions = SessionManager(parent=self)
+        snapshots = Snapshots(self.sessions)
+        if snapshots.enabled:
+            self.sessions.snapshots = snapshots
         n = self.sessions.restore()
         if n:
             self.log.info("restored %d session(s) from %s", n, self.sessions.data_root)

@@ -62,6 +62,11 @@ class SessionElsewhere(BrokerError):
     reason = "session_elsewhere"
 
 
+class SnapshotStoreUnavailable(BrokerError):
+    status = 503
+    reason = "snapshot_store_unavailable"
+
+
 class Snapshots(LoggingConfigurable):
     """Snapshots of sessions in S3-compatible object storage (docs/scale.md)."""
 
@@ -107,7 +112,12 @@ class Snapshots(LoggingConfigurable):
         if self._client is None:
             self._client = boto3.client("s3", endpoint_url=self.endpoint_url or None,
                                         region_name=self.region or None,
-                                        config=Config(retries={"max_attempts": 3, "mode": "standard"}))
+                                        # Checksums only where the API requires them: S3-compatible
+                                        # stores differ in the newer default ones (CRC32 on every
+                                        # PUT and GET) and in what copy_object keeps of them.
+                                        config=Config(retries={"max_attempts": 3, "mode": "standard"},
+                                                      request_checksum_calculation="when_required",
+                                                      response_checksum_validation="when_required"))
         return self._client
 
     def key(self, owner: str, sid: str) -> str:
@@ -190,10 +200,11 @@ class Snapshots(LoggingConfigurable):
         if s._transcript is not None:
             await s.transcript.flush()
         activity = s.last_activity
-        ok = await asyncio.to_thread(self._snapshot, s, release)
-        if ok:
-            self._snapped[s.id] = activity
-        return ok
+        t0 = time.monotonic()
+        size = await asyncio.to_thread(self._snapshot, s, release)
+        self._snapped[s.id] = activity
+        self.log.info("session %s snapshotted in %.2f s (%d bytes)", s.id, time.monotonic() - t0, size)
+        return True
 
     def _check_holder(self, s) -> tuple[int, dict | None]:
         mine = self.generation(s)
@@ -204,7 +215,7 @@ class Snapshots(LoggingConfigurable):
                                    f"(generation {head['generation']}, this broker holds {mine})")
         return mine, head
 
-    def _snapshot(self, s, release: bool) -> bool:
+    def _snapshot(self, s, release: bool) -> int:
         generation, _ = self._check_holder(s)
         now = time.time()
         with tempfile.TemporaryFile() as tmp:
@@ -212,12 +223,14 @@ class Snapshots(LoggingConfigurable):
                 for name in TOP_FILES:
                     _add_file(tar, s.dir, name, name)
                 _add_tree(tar, s.data_dir, "data")
+            size = tmp.tell()
             tmp.seek(0)
+            lease = 0 if release else time.time() + self.lease_seconds
             self.client.upload_fileobj(tmp, self.bucket, self.key(s.owner, s.id), ExtraArgs={
-                "Metadata": self._meta(s.owner, generation, 0 if release else now + self.lease_seconds, now),
+                "Metadata": self._meta(s.owner, generation, lease, now),
                 "ContentType": "application/x-tar"})
         self._renewed[s.id] = now
-        return True
+        return size
 
     def _renew(self, s, release: bool) -> None:
         generation, head = self._check_holder(s)
@@ -253,7 +266,12 @@ class Snapshots(LoggingConfigurable):
             if s is not None:
                 return s if s.owner == owner and not s.deleted else None
             t0 = time.monotonic()
-            fetched = await asyncio.to_thread(self._fetch, owner, sid)
+            try:
+                fetched = await asyncio.to_thread(self._fetch, owner, sid)
+            except (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                self.log.warning("session %s: restore from its snapshot failed: %s", sid, exc)
+                raise SnapshotStoreUnavailable(f"session {sid} is not on this broker and its snapshot could not be "
+                                               f"read ({type(exc).__name__}); retry shortly") from None
             if fetched is None:
                 return None
             path, head = fetched
@@ -281,8 +299,15 @@ class Snapshots(LoggingConfigurable):
                 f"session {sid} is held by broker {head['holder']} (its lease runs until "
                 f"{time.strftime('%H:%M:%S UTC', time.gmtime(head['lease-until']))}); send its requests there")
         fd, path = tempfile.mkstemp(prefix=".restore-", dir=self.manager.data_root)
-        with os.fdopen(fd, "wb") as fh:
-            self.client.download_fileobj(self.bucket, self.key(owner, sid), fh)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                # One GET (not ranged parts): one consistent version even while the holder renews its lease.
+                body = self.client.get_object(Bucket=self.bucket, Key=self.key(owner, sid))["Body"]
+                for chunk in iter(lambda: body.read(1 << 20), b""):
+                    fh.write(chunk)
+        except BaseException:
+            os.unlink(path)
+            raise
         # Claim it before anything else: one more generation, held by this broker.
         generation = head["generation"] + 1
         key = self.key(owner, sid)
