@@ -330,8 +330,20 @@ class Snapshots(LoggingConfigurable):
                 elif m.name == "transcript.ipynb" and m.isfile():
                     with open(os.path.join(s.dir, "transcript.ipynb"), "wb") as out:
                         out.write(tar.extractfile(m).read())
-            members = [_relative(m) for m in tar.getmembers() if m.name.startswith("data/")]
-            tar.extractall(s.data_dir, members=[m for m in members if m is not None], filter="data")
+            members = [r for r in (_relative(m) for m in tar.getmembers() if m.name.startswith("data/")) if r]
+            # Files and folders through the "data" filter (nothing outside the folder, no devices);
+            # symlinks last and as they were (an absolute one points into the sandbox's own view),
+            # so that nothing is ever written through one.
+            tar.extractall(s.data_dir, members=[m for m in members if not m.issym()], filter="data")
+            for m in members:
+                if m.issym() and _safe_name(m.name):
+                    target = os.path.join(s.data_dir, m.name)
+                    parent = os.path.realpath(os.path.dirname(target))
+                    if os.path.isdir(parent) and (parent + "/").startswith(os.path.realpath(s.data_dir) + "/"):
+                        try:
+                            os.symlink(m.linkname, target)
+                        except FileExistsError:
+                            pass
         if os.geteuid() == 0:
             for root, dirs, files in os.walk(s.data_dir):
                 for name in dirs + files:
@@ -345,6 +357,11 @@ class Snapshots(LoggingConfigurable):
                 RuntimeApi(address, self.router_map_file).set_override(sid, self.me)
             except OSError as exc:
                 self.log.warning("could not re-point session %s at this broker on router %s: %s", sid, address, exc)
+
+
+def _safe_name(name: str) -> bool:
+    parts = name.split("/")
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
 
 
 def _relative(m: tarfile.TarInfo) -> tarfile.TarInfo | None:
