@@ -213,3 +213,13 @@ def test_a_killed_broker_takes_only_its_own_sessions(cluster, spread):
         time.sleep(0.3)
     else:
         raise AssertionError("no new session after a broker was killed")
+
+
+def test_readiness_and_liveness_need_no_token(cluster):
+    for name, b in cluster.brokers.items():
+        if b.proc is None:
+            continue
+        r = b.get("/api/ready", owner=None)
+        assert r.status_code == 200 and r.json() == {"ready": True, "broker": name, "problems": []}, r.text
+        r = b.get("/api/live", owner=None)
+        assert r.status_code == 200 and r.json()["live"] is True
