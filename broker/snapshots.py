@@ -51,7 +51,7 @@ from traitlets.config import LoggingConfigurable
 
 from broker.errors import BrokerError
 from broker.ids import ID_RE
-from broker.router import RuntimeApi
+from broker.router import RuntimeApi, runtime_addresses
 
 SNAPSHOT_STATE = "snapshot.json"      # per session: the generation this broker holds
 TOP_FILES = ("meta.json", "transcript.ipynb")
@@ -90,7 +90,8 @@ class Snapshots(LoggingConfigurable):
         lease has run out, so a broker that is alive never has its session taken: keep it well above
         check_interval.""")
     router_runtime_api = Unicode("", config=True, help="""The router's runtime API (HAProxy stats socket:
-        unix path or HOST:PORT; several separated by commas, one per router replica). After a restore the
+        unix path or HOST:PORT, several separated by commas; a host name that resolves to several addresses,
+        such as a headless Service over the router replicas, means each of them). After a restore the
         broker re-points the session at itself in the override map there. Empty: not updated.""")
     router_map_file = Unicode("/etc/haproxy/broker-overrides.map", config=True, help="""The override map's
         path as the router knows it (RouterConfigApp.map_file).""")
@@ -352,7 +353,8 @@ class Snapshots(LoggingConfigurable):
         return meta
 
     def _repoint(self, sid: str) -> None:
-        for address in (a.strip() for a in self.router_runtime_api.split(",") if a.strip()):
+        wanted = [a.strip() for a in self.router_runtime_api.split(",") if a.strip()]
+        for address in (one for a in wanted for one in runtime_addresses(a)):
             try:
                 RuntimeApi(address, self.router_map_file).set_override(sid, self.me)
             except OSError as exc:

@@ -19,7 +19,7 @@ import sys
 from traitlets import Bool, Integer, Unicode
 from traitlets.config import Application
 
-from broker.router import RouterConfigError, RuntimeApi, parse_brokers, render, render_map
+from broker.router import RouterConfigError, RuntimeApi, configmap, parse_brokers, render, render_map
 
 
 class RouterConfigApp(Application):
@@ -40,6 +40,8 @@ class RouterConfigApp(Application):
     check_interval = Unicode("2s", config=True, help="Interval between readiness checks (GET /api/ready) per broker.")
     maxconn = Integer(4000, min=1, config=True, help="""Connections the router holds at once (HAProxy's global
         maxconn; it needs about twice as many open files). Each open kernel WebSocket or MCP stream holds one.""")
+    configmap = Unicode("", config=True, help="""Write the configuration as a Kubernetes ConfigMap of this name
+        (deploy/kubernetes/router-configmap.yaml is made so).""")
     output = Unicode("", config=True, help="Write the configuration here instead of standard output.")
     keep_overrides = Bool(False, config=True, help="""Read the running router's overrides through the runtime
         API and write them to the map file before writing the configuration (use before a reload).""")
@@ -48,7 +50,7 @@ class RouterConfigApp(Application):
     aliases = {"brokers": "RouterConfigApp.brokers", "bind": "RouterConfigApp.bind",
                "runtime-api": "RouterConfigApp.runtime_api", "map-file": "RouterConfigApp.map_file",
                "peer-name": "RouterConfigApp.peer_name", "peer-address": "RouterConfigApp.peer_address",
-               "check-interval": "RouterConfigApp.check_interval", "maxconn": "RouterConfigApp.maxconn", "o": "RouterConfigApp.output",
+               "check-interval": "RouterConfigApp.check_interval", "maxconn": "RouterConfigApp.maxconn", "configmap": "RouterConfigApp.configmap", "o": "RouterConfigApp.output",
                "output": "RouterConfigApp.output"}
     flags = {"keep-overrides": ({"RouterConfigApp": {"keep_overrides": True}}, keep_overrides.help),
              "log-requests": ({"RouterConfigApp": {"log_requests": True}}, log_requests.help)}
@@ -60,7 +62,9 @@ class RouterConfigApp(Application):
                           peer_name=self.peer_name, peer_address=self.peer_address,
                           check_interval=self.check_interval, maxconn=self.maxconn,
                           log=self.log_requests)
-            if self.keep_overrides:
+            if self.configmap:
+                text = configmap(text, self.configmap)
+            elif self.keep_overrides:
                 live = RuntimeApi(self.runtime_api, self.map_file).overrides()
                 _write(self.map_file, render_map(live))
             elif not os.path.exists(self.map_file):
