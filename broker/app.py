@@ -210,7 +210,11 @@ class ServeApp(Application):
         from broker.snapshots import Snapshots
 
         self.sessions = SessionManager(parent=self)
-        snapshots = Snapshots(self.sessions)
+        try:
+            snapshots = Snapshots(self.sessions)
+        except ValueError as exc:
+            self.log.critical("%s", exc)
+            self.exit(1)
         if snapshots.enabled:
             self.sessions.snapshots = snapshots
         n = self.sessions.restore()
