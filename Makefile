@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-SYSPKGS := bubblewrap libseccomp2 util-linux e2fsprogs
+SYSPKGS := bubblewrap libseccomp2 util-linux e2fsprogs haproxy
 # The RunShellCommand toolbox (docs/shell.md): command:Debian package.
 SHELL_TOOLS := awk:mawk which:debianutils file:file jq:jq sqlite3:sqlite3 zip:zip unzip:unzip \
 	tar:tar gzip:gzip bzip2:bzip2 xz:xz-utils diff:diffutils iconv:libc-bin bc:bc \
@@ -27,10 +27,11 @@ install: system-deps $(STAMP)
 
 # The sandbox needs bubblewrap (Debian package `bubblewrap`), libseccomp and,
 # as root, util-linux and e2fsprogs; the shell sandbox's toolbox needs the
-# SHELL_TOOLS packages; the page's browser tests (tests/test_page.py) need
-# Debian's chromium (driven by Playwright, which never downloads a browser).
-# As root we install them; otherwise we say exactly what to run (chromium only
-# gets a note: without it the browser tests skip and say why).
+# SHELL_TOOLS packages; the router tests (tests/test_router.py) need haproxy;
+# the page's browser tests (tests/test_page.py) need Debian's chromium (driven
+# by Playwright, which never downloads a browser). As root we install them;
+# otherwise we say exactly what to run (chromium only gets a note: without it
+# the browser tests skip and say why).
 system-deps:
 	@missing=""; \
 	for pair in $(SHELL_TOOLS); do \
@@ -40,6 +41,7 @@ system-deps:
 	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
 	ldconfig -p 2>/dev/null | grep -q libseccomp.so.2 || [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] || missing="$$missing libseccomp2"; \
 	command -v setpriv >/dev/null 2>&1 || missing="$$missing util-linux"; \
+	command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || missing="$$missing haproxy"; \
 	command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /usr/sbin/mkfs.ext4 ] || [ -x /sbin/mkfs.ext4 ] || missing="$$missing e2fsprogs"; \
 	if [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ]; then missing="$$missing chromium"; \

@@ -13,6 +13,7 @@ Subcommands:
   broker shell COMMAND        run a shell command in a session
   broker files ls|get|put|rm  a session's /mnt/data
   broker admin sessions|end   every owner's sessions with their resources; end one (admin token)
+  broker router-config        the HAProxy configuration for several brokers (docs/scale.md)
 """
 
 from __future__ import annotations
@@ -235,11 +236,19 @@ class ServeApp(Application):
     def init_sessions(self):
         from broker.links import LinkSigner
         from broker.sessions import SessionManager
+        from broker.snapshots import Snapshots
 
         self.sessions = SessionManager(parent=self)
         adj = self.sessions.admission.protect_broker()
         if adj is not None:
             self.log.info("broker oom_score_adj %d: the OOM killer takes kernels (1000) first", adj)
+        try:
+            snapshots = Snapshots(self.sessions)
+        except ValueError as exc:
+            self.log.critical("%s", exc)
+            self.exit(1)
+        if snapshots.enabled:
+            self.sessions.snapshots = snapshots
         n = self.sessions.restore()
         if n:
             self.log.info("restored %d session(s) from %s", n, self.sessions.data_root)
@@ -320,11 +329,11 @@ def make_web_app(state):
     # Imported here, not at the top: client commands (broker exec, files, ...)
     # load this module and must not pay for the server's web stack and
     # nbformat/jsonschema (about 3.5 s of CPU, measured).
-    from broker.web import aca, admin, files, kernels, mcp, openapi, page, sessions
+    from broker.web import aca, admin, files, health, kernels, mcp, openapi, page, sessions
     from broker.web.base import BrokerApplication, NotFoundHandler, log_request, route_table
 
     handlers = [*page.routes, *openapi.routes, *sessions.routes, *files.routes, *kernels.routes,
-                *mcp.routes(state)]
+                *mcp.routes(state), *health.routes]
     handlers += aca.routes(state)  # the Azure Container Apps sessions API, at /azure
     handlers += admin.routes       # /api/whoami, /api/admin/..., /metrics
     state.routes = route_table(handlers)
@@ -344,12 +353,12 @@ def serve_classes():
     from broker.results import ResultSettings
     from broker.sandbox.provisioner import SandboxProvisioner
     from broker.sessions import SessionManager
-
+    from broker.snapshots import Snapshots
     from broker.transcripts import TranscriptSettings
     from broker.web.mcp import McpSettings
 
     return [ServeApp, SessionManager, Admission, Executor, ResultSettings, ChannelSettings, TranscriptSettings,
-            ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings]
+            ChangeTracking, SandboxSettings, SandboxProvisioner, McpSettings, Snapshots]
 
 
 class TranscriptApp(Application):
@@ -472,6 +481,8 @@ class BrokerApp(Application):
         "shell": ("broker.cli.run.ShellApp", "Run a shell command in a session, output as it comes."),
         "files": ("broker.cli.files.FilesApp", "A session's /mnt/data: ls, get, put, rm."),
         "admin": ("broker.cli.admin.AdminApp", "The operator's view: every owner's sessions, end one (admin token)."),
+        "router-config": ("broker.cli.router.RouterConfigApp",
+                          "Write the HAProxy configuration for a router in front of several brokers."),
     }
 
     @property

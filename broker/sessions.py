@@ -34,8 +34,8 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import time
-import uuid
 
 from traitlets import Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
@@ -45,12 +45,10 @@ from broker.changes import ChangeTracker, ChangeTracking
 from broker.errors import DataRootFull, SandboxError, SessionNotFound, ShuttingDown, TooManySessions
 from broker.execution import Executor, SessionKernel
 from broker.files import SessionFiles
+from broker.ids import BROKER_NAME_ALLOWED, BROKER_NAME_RE, ID_RE, default_broker_name, new_id  # noqa: F401 (ID_RE: re-exported)
 from broker.sandbox import prereq, volume
 from broker.sandbox.settings import ByteSize
 
-# Session ids are random UUIDs (122 random bits): jupyter_server's gateway
-# client only routes kernel ids of that shape.
-ID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 # Temporary files of an atomic write (meta.json, the transcript, an upload)
 # that a killed broker left behind: never a session's real file.
 SESSION_TMP_RE = re.compile(r"^\.(meta\.[0-9a-f]{8}\.json|transcript\.[0-9a-f]{8}\.tmp)$")
@@ -377,9 +375,32 @@ class SessionManager(LoggingConfigurable):
                              f"(SessionManager.min_idle_timeout_minutes) and at most 60, not {value:g}")
         return value
 
+    broker_name = Unicode(config=True, help="""This broker's name, carried by every session id it makes
+        (`<name>_<uuid>`) so that a router sends each request to the broker that holds the session
+        (docs/scale.md). 1 to 16 lowercase letters and digits, unique among the brokers behind one router.
+        Default: on Kubernetes (KUBERNETES_SERVICE_HOST set) the StatefulSet pod's ordinal from the host
+        name (`broker-2` -> `b02`); elsewhere empty: plain UUIDs, for a broker on its own. Sessions made
+        under another name (or none) keep working.""")
+
+    @default("broker_name")
+    def _default_broker_name(self):
+        return default_broker_name(socket.gethostname(), bool(os.environ.get("KUBERNETES_SERVICE_HOST")))
+
+    @validate("broker_name")
+    def _check_broker_name(self, proposal):
+        value = proposal["value"]
+        if value and not BROKER_NAME_RE.match(value):
+            raise TraitError(f"SessionManager.broker_name {value!r}: use {BROKER_NAME_ALLOWED} "
+                             "(it becomes the session ids' prefix, before '_'), or '' for plain UUIDs")
+        return value
+
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self.sessions: dict[str, Session] = {}
+        # Readiness (broker/health.py): did the latest kernel start work?
+        self.last_start: tuple[float, bool, str] | None = None
+        # broker/snapshots.py's Snapshots when the service turns them on (ServeApp).
+        self.snapshots = None
         self._lock = asyncio.Lock()
         self._reserved: dict[str, int] = {}
         self._pool: list[Session] = []
@@ -534,6 +555,8 @@ class SessionManager(LoggingConfigurable):
             self._cull_task = asyncio.ensure_future(self._cull_loop())
         self._pool_enabled = True
         self._refill_pool()
+        if self.snapshots is not None:
+            self.snapshots.start()
 
     async def _cull_loop(self) -> None:
         while True:
@@ -616,6 +639,11 @@ class SessionManager(LoggingConfigurable):
             await self._calls_done(5.0)
         await asyncio.gather(*(s._transcript.flush() for s in self.sessions.values() if s._transcript is not None),
                              return_exceptions=True)
+        if self.snapshots is not None:
+            try:
+                await self.snapshots.shutdown()     # before the kernels stop: files as the sessions left them
+            except Exception:
+                self.log.exception("snapshots at shutdown failed")
         await asyncio.gather(*(s.stop_kernel() for s in self.sessions.values()), return_exceptions=True)
         self.change_tracking.close()
         for s in self.sessions.values():
@@ -671,8 +699,8 @@ class SessionManager(LoggingConfigurable):
             self._reserved[owner] -= 1
             self._refill_pool()
 
-    async def _new_session(self, owner: str, env: dict | None) -> Session:
-        sid = str(uuid.uuid4())
+    async def _new_session(self, owner: str, env: dict | None, sid: str | None = None) -> Session:
+        sid = sid or new_id(self.broker_name)
         now = time.time()
         s = Session(self, sid, owner, now, now)
         s.env = dict(env or {})
@@ -689,10 +717,13 @@ class SessionManager(LoggingConfigurable):
             await s.ensure_kernel("pool" if not owner else "new")
             if owner:
                 s.save()
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                self.last_start = (time.time(), False, f"{type(exc).__name__}: {exc}"[:300])
             await s.stop_kernel()
             self._remove_dir(s)
             raise
+        self.last_start = (time.time(), True, "")
         return s
 
     # -- the warm pool ------------------------------------------------------------
@@ -749,6 +780,38 @@ class SessionManager(LoggingConfigurable):
                 if reply["content"].get("status") != "ok":
                     self.log.warning("pool preload failed: %s", reply["content"].get("evalue"))
                 return
+
+    async def find(self, sid: str, owner: str) -> Session:
+        """Like get(), but a session this broker does not hold is restored
+        from its snapshot when snapshots are on and one exists for *owner*."""
+        try:
+            return self.get(sid, owner)
+        except SessionNotFound:
+            s = await self.snapshots.restore(sid, owner) if self.snapshots is not None else None
+            if s is None:
+                raise
+            return s
+
+    async def adopt(self, sid: str, owner: str, unpack) -> Session:
+        """A session with a given id, as a restore makes it: its folder and a
+        fresh kernel, then ``unpack(session)`` (run in a thread) fills the
+        folder and returns the old meta.json's content."""
+        s = await self._new_session(owner, None, sid=sid)
+        try:
+            meta = await asyncio.to_thread(unpack, s)
+        except BaseException:
+            await self._delete(s)
+            raise
+        s.created = float(meta.get("created") or s.created)
+        s.env = dict(meta.get("env") or {})
+        s.touch()
+        s.save()
+        self.sessions[sid] = s
+        return s
+
+    async def forget(self, s: Session) -> None:
+        """Drop this broker's copy of a session held elsewhere now (its snapshot stays)."""
+        await self._delete(s)
 
     def get(self, sid: str, owner: str) -> Session:
         if self._closing:

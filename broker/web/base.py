@@ -17,7 +17,7 @@ from typing import NamedTuple
 from tornado import httputil, web
 
 from broker import logs
-from broker.errors import BrokerError, InvalidArgument
+from broker.errors import BrokerError, InvalidArgument, SessionNotFound
 from broker.links import Links
 
 
@@ -130,6 +130,22 @@ class BaseHandler(web.RequestHandler):
         if self.current_user is None and not (self.allow_signed and self.signed_ok()):
             raise BrokerErrorWithStatus(401, "unauthorized",
                                         "missing or wrong token: send 'Authorization: Bearer <token>'")
+        return self.restore_if_missing()
+
+    def restore_if_missing(self):
+        """An awaitable when the session the path names is not here but may be
+        restored from its snapshot (broker/snapshots.py); else None."""
+        sid = self.path_kwargs.get("sid")
+        sessions = self.sessions
+        if sid and self.current_user and sessions.snapshots is not None and sid not in sessions.sessions:
+            return self._restore(sid)
+        return None
+
+    async def _restore(self, sid):
+        try:
+            await self.sessions.find(sid, self.current_user)
+        except SessionNotFound:
+            pass    # the handler answers 404 as usual
 
     def signed_ok(self) -> bool:
         return False

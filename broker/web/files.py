@@ -27,7 +27,7 @@ class FilesHandler(BaseHandler):
     ``path`` for the destination folder or name)."""
 
     def prepare(self):
-        super().prepare()
+        restoring = super().prepare()
         self._chunks, self._size = [], 0
         if self.request.method in ("POST", "PUT"):
             cap = self.sessions.max_upload_bytes + (SLACK if self.request.method == "POST" else 0)
@@ -39,6 +39,7 @@ class FilesHandler(BaseHandler):
             # Content-Length (chunked) reaches data_received, which answers 413.
             self.request.connection.set_max_body_size(cap + SLACK)
             self._cap = cap
+        return restoring
 
     def data_received(self, chunk):
         if self._finished:

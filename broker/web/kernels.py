@@ -14,7 +14,7 @@ import time
 from tornado import websocket
 
 from broker.channels import ChannelConnection, KernelMessage
-from broker.errors import InvalidArgument, NotFound
+from broker.errors import InvalidArgument, NotFound, SessionNotFound
 from broker.execution import SANDBOX_KERNEL, BrokerKernelSpecManager
 from broker.web.base import BaseHandler, Identity
 
@@ -203,6 +203,11 @@ class ChannelsHandler(websocket.WebSocketHandler):
                                                "(or ?ticket= from POST /api/sessions/{id}/ws-ticket)",
                                     "reason": "unauthorized"}))
             return
+        if self.state.sessions.snapshots is not None:
+            try:
+                await self.state.sessions.find(sid, owner)     # restored from its snapshot when not here
+            except SessionNotFound:
+                pass
         s = self.state.sessions.sessions.get(sid)
         if s is None or s.owner != owner or s.deleted:
             self.set_status(404)

@@ -102,12 +102,17 @@ class McpHandler(BaseHandler):
         bridge = await self.endpoint.bridge()
         req = self.request
         owner = self.current_user
+        # MCP session ids name this broker as session ids do (b02_<hex>), so a
+        # router sends the MCP session's requests here (docs/scale.md).
+        broker_name = self.sessions.broker_name
+        prefix = f"{broker_name}_" if broker_name else ""
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": req.method,
             "scheme": req.protocol, "path": req.path, "raw_path": req.path.encode(), "root_path": "",
             "query_string": req.query.encode(), "client": (req.remote_ip, 0),
             "server": None,   # optional in ASGI; URLs are built from the Host header
-            "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in req.headers.get_all()],
+            "headers": [(k.lower().encode("latin-1"), _inbound(k, v, prefix).encode("latin-1"))
+                        for k, v in req.headers.get_all()],
         }
         body = b"".join(self._chunks)
         self._chunks = []
@@ -128,6 +133,8 @@ class McpHandler(BaseHandler):
                 seen = set()
                 for k, v in message.get("headers", []):
                     name, value = k.decode("latin-1"), v.decode("latin-1")
+                    if prefix and name.lower() == MCP_SESSION_HEADER:
+                        value = prefix + value
                     (self.add_header if name.lower() in seen else self.set_header)(name, value)
                     seen.add(name.lower())
             elif message["type"] == "http.response.body":
@@ -149,6 +156,16 @@ class McpHandler(BaseHandler):
             self._gone.set()
         if not self._finished and not self._gone.is_set():
             self.finish()
+
+
+MCP_SESSION_HEADER = "mcp-session-id"
+
+
+def _inbound(name: str, value: str, prefix: str) -> str:
+    """The SDK's own MCP session id, without this broker's prefix."""
+    if prefix and name.lower() == MCP_SESSION_HEADER and value.startswith(prefix):
+        return value[len(prefix):]
+    return value
 
 
 def routes(state) -> list:

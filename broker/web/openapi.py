@@ -41,6 +41,13 @@ def document() -> dict:
     fpath = {"name": "path", "in": "path", "required": True, "schema": {"type": "string"},
              "description": "File path relative to /mnt/data"}
     paths: dict = {
+        "/api/ready": {"get": {"summary": "Readiness, for routers and orchestrators (no token): may this broker take "
+                                          "new sessions (kernel start works, data root writable, memory admission "
+                                          "open)?", "security": [], "responses": {
+            "200": _resp("Ready: {ready: true, broker, problems: []}", {"type": "object"}),
+            "503": _resp("Not ready: problems says why", {"type": "object"})}}},
+        "/api/live": {"get": {"summary": "Liveness (no token): the process serves HTTP", "security": [],
+                              "responses": {"200": _resp("{live: true, broker}", {"type": "object"})}}},
         "/api/sessions": {
             "get": {"summary": "List the caller's sessions", "responses": {
                 "200": _resp("Sessions", {"type": "array", "items": {"$ref": "#/components/schemas/Session"}}),
