@@ -391,6 +391,7 @@ def test_new_call_during_shutdown_is_refused_with_503(fb):
 # -- the long version (make reliability) ------------------------------------------------------------
 
 @pytest.mark.long
+@pytest.mark.timeout(int(os.environ.get("BROKER_RANDOM_KILLS", "20")) * 300 + 300)
 def test_broker_sigkill_at_random_moments_long(fb):
     """Twenty kills (BROKER_RANDOM_KILLS) at random moments of a mixed workload (uploads, code,
     shell commands, transcript writes, kernel starts): after each restart
