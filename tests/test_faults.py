@@ -391,6 +391,7 @@ def test_new_call_during_shutdown_is_refused_with_503(fb):
 # -- the long version (make reliability) ------------------------------------------------------------
 
 @pytest.mark.long
+@pytest.mark.timeout(int(os.environ.get("BROKER_RANDOM_KILLS", "20")) * 300 + 300)
 def test_broker_sigkill_at_random_moments_long(fb):
     """Twenty kills (BROKER_RANDOM_KILLS) at random moments of a mixed workload (uploads, code,
     shell commands, transcript writes, kernel starts): after each restart
@@ -400,6 +401,9 @@ def test_broker_sigkill_at_random_moments_long(fb):
 
     rng = random.Random(11)
     sids = [fb.create_session() for _ in range(2)]
+    for sid in sids:
+        assert fb.run(sid, "print('first')")["status"] == "success"
+        wait_for(lambda: os.path.exists(os.path.join(fb.data_root, sid, "transcript.ipynb")), what="a transcript")
     confirmed: dict[tuple[str, str], str] = {}
     kills, t_restart = int(os.environ.get("BROKER_RANDOM_KILLS", "20")), []
     for k in range(kills):

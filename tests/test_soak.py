@@ -19,9 +19,9 @@ import pytest
 from tests.fault_helpers import PatientBroker, broker_usage
 from tests.figures import record
 
-pytestmark = [pytest.mark.long, pytest.mark.reliability]
-
 SECONDS = float(os.environ.get("BROKER_SOAK_SECONDS", "600"))
+
+pytestmark = [pytest.mark.long, pytest.mark.reliability, pytest.mark.timeout(int(SECONDS) + 900)]
 SESSIONS = 3
 
 
