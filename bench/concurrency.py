@@ -307,14 +307,14 @@ def main(argv=None) -> int:
 
 
 def _py_spy(pid: int, path: str, rnd: int):
-    """py-spy sampling the broker (all threads, native frames off) into
+    """py-spy sampling the broker (the thread holding the GIL: Python work, not waits) into
     collapsed stacks, one file per round."""
     import shutil
     import subprocess
 
     exe = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
     proc = subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "250", "--format", "raw",
-                             "--output", f"{path}.{rnd}", "--threads", "--nonblocking"],
+                             "--output", f"{path}.{rnd}", "--threads", "--gil", "--nonblocking"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)   # py-spy attaches
     return proc
@@ -351,7 +351,7 @@ def print_profile(path: str, rounds: int, top: int = 25) -> None:
         return
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print(f"\nprofile of the broker process ({total} samples, all threads, idle included):")
+    print(f"\nprofile of the broker process ({total} samples, the thread holding the GIL):")
     print(f"  {'self %':>7} {'incl %':>7}  function (file)")
     for f, n in own.most_common(top):
         print(f"  {n * 100 / total:7.1f} {incl[f] * 100 / total:7.1f}  {f}")

@@ -10,10 +10,21 @@ from __future__ import annotations
 import hmac
 import json
 
+import orjson
 from tornado import web
 
 from broker.errors import BrokerError, InvalidArgument
 from broker.links import Links
+
+
+def dumps(obj) -> bytes:
+    """JSON as the API sends it: orjson (UTF-8, about ten times faster than the
+    json module); what orjson refuses (integers past 64 bits, keys that are not
+    strings) goes through the json module as before."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(obj).encode()
 
 
 class Auth:
@@ -87,13 +98,13 @@ class BaseHandler(web.RequestHandler):
         if not self.request.body:
             return {}
         try:
-            return json.loads(self.request.body)
+            return orjson.loads(self.request.body)
         except ValueError as exc:
             raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
 
     def write_json(self, obj, status: int = 200):
         self.set_status(status)
-        self.finish(json.dumps(obj))
+        self.finish(dumps(obj))
 
     # -- errors --------------------------------------------------------------
     def _handle_request_exception(self, e):
