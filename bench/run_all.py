@@ -14,7 +14,8 @@ CPU per small REST call and 20 x 50 throughput against raw jupyter_client,
 RunShellCommand against a bare bwrap, idle sessions in 24 GiB, a burst of
 session creates), and written into docs/benchmarks.md between the markers
 ``<!-- run_all:begin -->`` and ``<!-- run_all:end -->`` with the machine, the
-versions and the date.  Everything else in that file (the hand-written
+versions and the date (scripts not run this time are shown from their latest
+log in bench/results).  Everything else in that file (the hand-written
 sections: how each figure is measured, profiles, earlier runs) is kept.  The
 exit status is non-zero if any script failed.
 """
@@ -130,7 +131,7 @@ def render(runs: dict, quick: bool) -> str:
     out += ["| script | exit | time | verdict lines |", "|---|---|---|---|"]
     for name, (rc, lines, secs) in runs.items():
         v = "<br>".join(x.replace("|", "/") for x in verdicts(lines)) or "(no verdict line)"
-        out.append(f"| `{name}` | {rc} | {secs:.0f} s | {v} |")
+        out.append(f"| `{name}` | {rc} | {f'{secs:.0f} s' if secs else ''} | {v} |")
     out += ["", END]
     return "\n".join(out)
 
@@ -162,12 +163,19 @@ def main(argv=None) -> int:
         want = {x.strip().removesuffix(".py") for x in args.only.split(",") if x.strip()}
         chosen = [s for s in chosen if s[:-3] in want]
     runs = {name: run(name, args.quick) for name in chosen}
+    failed = [n for n, (rc, _, _) in runs.items() if rc != 0]
+    # Scripts not run this time keep their latest results (bench/results/<name>.log).
+    for name in scripts():
+        log = os.path.join(RESULTS, name[:-3] + ".log")
+        if name not in runs and os.path.exists(log):
+            with open(log) as fh:
+                runs[name] = ("earlier run", fh.read().splitlines(), 0.0)
+    runs = dict(sorted(runs.items()))
     block = render(runs, args.quick)
     print(block)
     if not args.no_doc:
         write_doc(block)
         print(f"wrote {os.path.relpath(DOC, REPO)}")
-    failed = [n for n, (rc, _, _) in runs.items() if rc != 0]
     if failed:
         print("failed: " + ", ".join(failed), file=sys.stderr)
         return 1
