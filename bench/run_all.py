@@ -75,7 +75,8 @@ def load(stem: str) -> dict | None:
 
 
 def verdicts(lines: list[str], keep: int = 8) -> list[str]:
-    out = [ln.strip() for ln in lines if VERDICT.search(ln) and not ln.lstrip().startswith(("Target:", "usage"))]
+    out = [ln.strip() for ln in lines if VERDICT.search(ln)
+           and not re.match(r"\s*(Target:|usage|target\s{2,}|\S+: \d+ \S+ per target)", ln)]
     return out[-keep:]
 
 
