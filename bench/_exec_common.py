@@ -109,7 +109,7 @@ def stop_pid(proc: subprocess.Popen, grace: float = 20.0) -> None:
             proc.wait(10)
 
 
-def wait_http(url: str, ok, proc: subprocess.Popen, log_path: str, timeout: float = 90.0) -> None:
+def wait_http(url: str, ok, proc: subprocess.Popen, log_path: str, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

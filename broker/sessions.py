@@ -28,6 +28,7 @@ once or kept for a while under ``<data_root>/.ended/`` (``ended_files``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import json
 import os
@@ -359,7 +360,23 @@ class SessionManager(LoggingConfigurable):
         is ready at once. Pooled kernels have already run pool_preload. They count toward max_sessions but
         belong to nobody until handed out. 0 turns the pool off.""")
     pool_refill_delay = Float(1.0, min=0, config=True, help="""Seconds after a pooled kernel is handed out before
-        its replacement starts, so the new session's first calls do not share the CPU with a kernel start.""")
+        its replacement starts, so the new session's first calls do not share the CPU with a kernel start
+        (not when requests are already waiting for a pooled kernel).""")
+    pool_max_size = Integer(8, min=0, config=True, help="""Kernels the warm pool grows to while sessions are
+        taken faster than it refills: every create that finds the pool empty raises its target by one, up to
+        this (never below pool_size). It shrinks back to pool_size after pool_shrink_after seconds without a
+        hand-out.""")
+    pool_shrink_after = Float(120.0, min=0, config=True, help="""Seconds without a session taken from the pool
+        after which a pool grown past pool_size shrinks back to it (the surplus kernels are stopped).""")
+    pool_refill_parallel = Integer(0, min=0, config=True, help="""Pooled kernels started at once when the pool
+        refills. 0: one per CPU this process may run on (a kernel start is CPU-bound; more at once only
+        makes each slower).""")
+    pool_min_available = ByteSize(1 << 30, config=True, help="""The pool does not start kernels while the
+        machine's available memory (MemAvailable in /proc/meminfo) is below this; a create that finds the
+        pool empty then starts a kernel of its own.""")
+    pool_wait_timeout = Float(60.0, min=0, config=True, help="""Seconds a create that finds the pool empty waits
+        for the next pooled kernel (they are handed out in the order asked) before starting a kernel of its
+        own.""")
     pool_preload = Unicode("import numpy, pandas, matplotlib, matplotlib.pyplot", config=True, help="""Code each
         pooled kernel runs silently before it is handed out (not in the transcript, no execution count).""")
     max_upload_bytes = ByteSize(128 << 20, config=True, help="Largest file accepted by an upload (413 past it).")
@@ -405,6 +422,16 @@ class SessionManager(LoggingConfigurable):
         self._reserved: dict[str, int] = {}
         self._pool: list[Session] = []
         self._pool_task: asyncio.Task | None = None
+        # The pool following demand: kernels being started for it, requests
+        # waiting for one (futures, first come first served), the size it
+        # aims at (pool_size..pool_max_size) and when it last handed one out.
+        self._pool_starting: set[asyncio.Task] = set()
+        self._pool_waiters: collections.deque[asyncio.Future] = collections.deque()
+        self._pool_target = 0
+        self._pool_last_take = time.monotonic()
+        self._pool_not_before = 0.0
+        self._pool_wake = asyncio.Event()
+        self.pool_stats = {"from_pool": 0, "waited": 0, "cold": 0}
         self._closing = False
         self._pool_enabled = False   # the service turns it on (start_background)
         self.executor = Executor(parent=self)
@@ -563,6 +590,7 @@ class SessionManager(LoggingConfigurable):
             await asyncio.sleep(self.cull_interval)
             try:
                 await self.cull_idle()
+                await self.shrink_pool()
             except Exception:  # keep culling whatever one session did
                 self.log.exception("culling failed")
 
@@ -616,9 +644,11 @@ class SessionManager(LoggingConfigurable):
         if self._cull_task:
             self._cull_task.cancel()
             self._cull_task = None
-        if self._pool_task is not None:
-            self._pool_task.cancel()
-            await asyncio.gather(self._pool_task, return_exceptions=True)
+        tasks = ([self._pool_task] if self._pool_task is not None else []) + list(self._pool_starting)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._wake_waiters()
         pool, self._pool = self._pool, []
         await asyncio.gather(*(self._delete(s) for s in pool), return_exceptions=True)
         if not await self._calls_done(grace):
@@ -666,6 +696,7 @@ class SessionManager(LoggingConfigurable):
     async def create(self, owner: str, env: dict[str, str] | None = None) -> Session:
         if self._closing:
             raise ShuttingDown("the broker is shutting down; create the session again when it is back")
+        waiter = None
         async with self._lock:
             owned = sum(1 for s in self.sessions.values() if s.owner == owner) + self._reserved.get(owner, 0)
             if len(self.sessions) + sum(self._reserved.values()) >= self.max_sessions:
@@ -677,27 +708,63 @@ class SessionManager(LoggingConfigurable):
             self.admission.check()      # 503 while memory is short (broker/admission.py)
             pooled = self._take_pooled() if not env else None
             if pooled is not None:
-                now = time.time()
-                pooled.owner, pooled.created, pooled.last_activity = owner, now, now
-                try:
-                    pooled.save()
-                except OSError as exc:
-                    pooled.owner = ""
-                    self._pool.insert(0, pooled)
-                    raise _storage_error(exc, self.data_root) from None
-                self.sessions[pooled.id] = pooled
-                # A moment's grace: a new session's first calls usually come
-                # at once and should not share the CPU with a kernel start.
-                self._refill_pool(delay=self.pool_refill_delay)
-                return pooled
+                self.pool_stats["from_pool"] += 1
+                return self._hand_out(pooled, owner, delay=self.pool_refill_delay)
+            if not env and self._pool_on() and self._may_refill():
+                # Taken faster than it refills: the pool grows, and this
+                # request waits for the next pooled kernel (first come, first
+                # served) rather than starting a cold one behind the others.
+                self._pool_target = min(max(self.pool_max_size, self.pool_size), self._pool_target + 1)
+                waiter = asyncio.get_running_loop().create_future()
+                self._pool_waiters.append(waiter)
+                self._refill_pool()
             self._reserved[owner] = self._reserved.get(owner, 0) + 1
         try:
+            if waiter is not None:
+                pooled = await self._wait_pooled(waiter)
+                if pooled is not None:
+                    self.pool_stats["waited"] += 1
+                    return self._hand_out(pooled, owner)
+            self.pool_stats["cold"] += 1
             s = await self._new_session(owner, env)
             self.sessions[s.id] = s
             return s
         finally:
             self._reserved[owner] -= 1
             self._refill_pool()
+
+    def _hand_out(self, pooled: Session, owner: str, delay: float = 0.0) -> Session:
+        now = time.time()
+        pooled.owner, pooled.created, pooled.last_activity = owner, now, now
+        try:
+            pooled.save()
+        except OSError as exc:
+            pooled.owner = ""
+            self._pool.insert(0, pooled)
+            raise _storage_error(exc, self.data_root) from None
+        self.sessions[pooled.id] = pooled
+        self._pool_last_take = time.monotonic()
+        # A moment's grace: a new session's first calls usually come at once
+        # and should not share the CPU with a kernel start.
+        self._refill_pool(delay=delay)
+        return pooled
+
+    async def _wait_pooled(self, waiter: asyncio.Future) -> Session | None:
+        """The next pooled kernel, or None (the pool could not make one in
+        time, or stopped): the caller then starts a kernel of its own."""
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiter), self.pool_wait_timeout)
+        except asyncio.TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                self._pool.append(waiter.result())     # handed to us as we left: back to the pool
+            waiter.cancel()
+            raise
+        if waiter.done() and not waiter.cancelled():
+            return waiter.result()
+        waiter.cancel()
+        return None
 
     async def _new_session(self, owner: str, env: dict | None, sid: str | None = None) -> Session:
         sid = sid or new_id(self.broker_name)
@@ -736,38 +803,141 @@ class SessionManager(LoggingConfigurable):
             asyncio.ensure_future(self._delete(s))
         return None
 
-    def _refill_pool(self, delay: float = 0.0) -> None:
-        if self.pool_size and self._pool_enabled and not self._closing and (
-                self._pool_task is None or self._pool_task.done()):
-            self._pool_task = asyncio.ensure_future(self._fill_pool(delay))
+    def _pool_on(self) -> bool:
+        return bool(self.pool_size) and self._pool_enabled and not self._closing
 
-    async def _fill_pool(self, delay: float = 0.0) -> None:
+    def _may_refill(self) -> bool:
+        """May the pool start a kernel now?  The one place a memory check
+        plugs in: not while the machine's available memory is below
+        pool_min_available, nor while memory admission is closed
+        (broker/admission.py)."""
+        if not self.admission.allows():
+            return False
+        try:
+            with open("/proc/meminfo", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"MemAvailable:"):
+                        return int(line.split()[1]) * 1024 >= self.pool_min_available
+        except (OSError, ValueError, IndexError):
+            pass
+        return True
+
+    def _refill_parallel(self) -> int:
+        if self.pool_refill_parallel:
+            return self.pool_refill_parallel
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except (AttributeError, OSError):
+            return max(1, os.cpu_count() or 1)
+
+    def _refill_pool(self, delay: float = 0.0) -> None:
+        if not self._pool_on():
+            return
+        self._pool_target = max(self._pool_target, self.pool_size)
         if delay:
-            await asyncio.sleep(delay)
-        while len(self._pool) < self.pool_size and not self._closing:
-            if len(self.sessions) + len(self._pool) + sum(self._reserved.values()) >= self.max_sessions:
+            self._pool_not_before = max(self._pool_not_before, time.monotonic() + delay)
+        self._pool_wake.set()
+        if self._pool_task is None or self._pool_task.done():
+            self._pool_task = asyncio.ensure_future(self._fill_pool())
+
+    def _live_waiters(self) -> int:
+        while self._pool_waiters and self._pool_waiters[0].done():
+            self._pool_waiters.popleft()
+        return sum(1 for w in self._pool_waiters if not w.done())
+
+    def _wake_waiters(self) -> None:
+        """Tell every waiting request to start a kernel of its own."""
+        while self._pool_waiters:
+            w = self._pool_waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+
+    async def _fill_pool(self) -> None:
+        """Keep pool + kernels starting at the target plus the requests
+        waiting, starting up to _refill_parallel() kernels at once."""
+        while not self._closing:
+            self._pool_wake.clear()
+            waiting = self._live_waiters()
+            starting = len(self._pool_starting)
+            missing = self._pool_target + waiting - len(self._pool) - starting
+            room = self._refill_parallel() - starting
+            used = len(self.sessions) + len(self._pool) + starting + sum(self._reserved.values()) - waiting
+            n = min(missing, room, self.max_sessions - used)
+            wait_for = None
+            if n > 0 and not waiting and time.monotonic() < self._pool_not_before:
+                wait_for = self._pool_not_before - time.monotonic()
+                n = 0
+            if n > 0 and not self._may_refill():
+                self.log.warning("warm pool: not starting kernels, available memory is below %s bytes "
+                                 "(SessionManager.pool_min_available) or memory admission is closed "
+                                 "(Admission.min_available_memory)", self.pool_min_available)
+                self._wake_waiters()
+                n = 0
+                wait_for = 5.0
+            for _ in range(max(n, 0)):
+                task = asyncio.ensure_future(self._start_pooled())
+                self._pool_starting.add(task)
+                task.add_done_callback(self._pool_starting.discard)
+            if n <= 0 and not self._pool_starting and wait_for is None:
+                if self._live_waiters():
+                    self._wake_waiters()     # nothing can start (max_sessions): they start their own
                 return
-            if not self.admission.allows():     # memory short: the next create tries again
-                return
-            s = None
             try:
-                s = await self._new_session("", None)
-                if self.pool_preload.strip():
-                    await self._preload(s)
-            except BaseException as exc:
-                # A kernel started but not pooled (preload failed, or shutdown
-                # cancelled us) is nobody's: stop it and unmount its folder.
-                if s is not None:
-                    await self._delete(s)
-                if not isinstance(exc, Exception):
-                    raise
-                self.log.warning("could not start a pooled kernel: %s", exc)
-                await asyncio.sleep(5)
-                continue
-            if self._closing:
+                await asyncio.wait_for(self._pool_wake.wait(), wait_for)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _start_pooled(self) -> None:
+        try:
+            await self._start_one_pooled()
+        finally:
+            # Before waking _fill_pool: it counts the kernels still starting.
+            self._pool_starting.discard(asyncio.current_task())
+            self._pool_wake.set()
+
+    async def _start_one_pooled(self) -> None:
+        s = None
+        try:
+            s = await self._new_session("", None)
+            if self.pool_preload.strip():
+                await self._preload(s)
+        except BaseException as exc:
+            # A kernel started but not pooled (preload failed, or shutdown
+            # cancelled us) is nobody's: stop it and unmount its folder.
+            if s is not None:
                 await self._delete(s)
-                return
+            if not isinstance(exc, Exception):
+                raise
+            self.log.warning("could not start a pooled kernel: %s", exc)
+            # The first waiting request starts its own (and sees the error).
+            if self._live_waiters():
+                self._pool_waiters.popleft().set_result(None)
+            await asyncio.sleep(5)
+            return
+        if self._closing:
+            await self._delete(s)
+            return
+        while self._pool_waiters:
+            w = self._pool_waiters.popleft()
+            if not w.done():
+                w.set_result(s)
+                break
+        else:
             self._pool.append(s)
+
+    async def shrink_pool(self) -> int:
+        """Back to pool_size after pool_shrink_after seconds without a
+        hand-out: stop the surplus kernels (the newest first).  The pool is
+        otherwise never culled."""
+        if self._pool_target <= self.pool_size or self._live_waiters() \
+                or time.monotonic() - self._pool_last_take < self.pool_shrink_after:
+            return 0
+        self._pool_target = self.pool_size
+        surplus = []
+        while len(self._pool) > self.pool_size:
+            surplus.append(self._pool.pop())
+        await asyncio.gather(*(self._delete(s) for s in surplus), return_exceptions=True)
+        return len(surplus)
 
     async def _preload(self, s: Session) -> None:
         """Run the preload code silently: no execution count, no transcript."""

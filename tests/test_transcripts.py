@@ -36,7 +36,9 @@ print('pdf written')
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    b = start_broker(str(tmp_path_factory.mktemp("tx-broker")))
+    # Every change written at once (no write_delay), so that the test of atomic
+    # replacement sees a new version of the file per call.
+    b = start_broker(str(tmp_path_factory.mktemp("tx-broker")), "--TranscriptSettings.write_delay=0")
     yield b
     b.stop()
 

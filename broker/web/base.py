@@ -14,11 +14,22 @@ import re
 import traceback
 from typing import NamedTuple
 
+import orjson
 from tornado import httputil, web
 
 from broker import logs
 from broker.errors import BrokerError, InvalidArgument, SessionNotFound
 from broker.links import Links
+
+
+def dumps(obj) -> bytes:
+    """JSON as the API sends it: orjson (UTF-8, about ten times faster than the
+    json module); what orjson refuses (integers past 64 bits, keys that are not
+    strings) goes through the json module as before."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return json.dumps(obj).encode()
 
 
 class Identity(NamedTuple):
@@ -159,13 +170,13 @@ class BaseHandler(web.RequestHandler):
         if not self.request.body:
             return {}
         try:
-            return json.loads(self.request.body)
+            return orjson.loads(self.request.body)
         except ValueError as exc:
             raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
 
     def write_json(self, obj, status: int = 200):
         self.set_status(status)
-        self.finish(json.dumps(obj))
+        self.finish(dumps(obj))
 
     def flush(self, include_footers: bool = False):
         # Response bytes for the call log and /metrics (tornado keeps no count).
