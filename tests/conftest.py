@@ -37,7 +37,7 @@ def _kernelspec_installed():
                     "install --sys-prefix` and unset JUPYTER_PATH / JUPYTER_PREFER_ENV_PATH", returncode=4)
 
 
-# -- running under pytest-xdist (`make test` runs two workers) --------------------
+# -- running under pytest-xdist (`make test` runs a worker per CPU, at most 4) -----
 # A test marked `alone` measures something machine-wide (free memory, all the
 # mounts, every process, wall times under a deadline): while it runs, the other
 # workers start no test.  Every test takes a shared lock, an `alone` test the
