@@ -122,6 +122,20 @@ def _probe_interpreter(python: str, timeout: float) -> dict:
     return json.loads(out.stdout)
 
 
+def _bindable_import_path(p: str) -> bool:
+    """Whether an entry of the interpreter's sys.path is bound into the
+    sandbox.  /usr is bound whole already; the host's /tmp and /var/tmp
+    themselves are never shown (the sandbox has a /tmp of its own), but a
+    folder below them is: a virtualenv, a layered environment or a .pth
+    entry in a checkout under /tmp must still be importable inside."""
+    if not p or not os.path.isabs(p) or not os.path.isdir(p):
+        return False
+    p = os.path.normpath(p)
+    if p in ("/", "/usr", "/tmp", "/var", "/var/tmp", "/dev", "/proc", "/run") or p.startswith("/usr/"):
+        return False
+    return True
+
+
 def interpreter_paths(python: str, timeout: float = 30) -> tuple[str, list[str]]:
     """The absolute interpreter and the host paths it needs inside the
     sandbox (bound read-only at the same paths): its prefix, base prefix,
@@ -135,7 +149,7 @@ def interpreter_paths(python: str, timeout: float = 30) -> tuple[str, list[str]]
     paths = {info["prefix"], info["base_prefix"], os.path.dirname(os.path.realpath(exe)),
              os.path.dirname(os.path.realpath(info["executable"])), info["profile"]}
     for p in info["path"]:
-        if p and os.path.isabs(p) and os.path.isdir(p) and not p.startswith(("/usr/", "/tmp")):
+        if _bindable_import_path(p):
             paths.add(p)
     return exe, sorted(paths)
 
@@ -351,7 +365,7 @@ def python_paths() -> list[str]:
 
     paths.add(os.path.dirname(os.path.abspath(kernel_profile.__file__)))
     for p in _isolated_sys_path():
-        if p and os.path.isabs(p) and os.path.isdir(p) and not p.startswith(("/usr/", "/tmp")):
+        if _bindable_import_path(p):
             paths.add(p)
     return sorted(paths)
 
