@@ -172,8 +172,9 @@ TOOLS: dict[str, Tool] = {t.name: t for t in [
         Param("saveAsFilename", "string", "Download file name (for example daily_summary.pdf).", required=True,
               max_length=255),
         _timeout(180, 900)]),
-    Tool("RunShellCommand", "Runs a bash command in a fresh sandbox over the session's /mnt/data (the working "
-         "directory; use relative paths). The usual command-line tools are there (coreutils, grep, sed, awk, "
+    Tool("RunShellCommand", "Runs a bash command in the session's shell sandbox over its /mnt/data (the working "
+         "directory; use relative paths); nothing of the previous command survives (its processes are killed, "
+         "/tmp is emptied). The usual command-line tools are there (coreutils, grep, sed, awk, "
          "find, xargs, sort, uniq, jq, sqlite3, zip/unzip, tar, gzip, diff); python and python3 are the kernel's "
          "interpreter with the same libraries. ; and && both chain commands. No network and no package "
          "installation (pip, apt-get and the like are refused); no background jobs. New or changed files come back "
