@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import hashlib
 import json
 import os
 import re
@@ -320,7 +321,8 @@ class SessionManager(LoggingConfigurable):
 
     runtime_dir = Unicode(config=True, help="""Folder for the kernels' ZeroMQ sockets (one sub-folder per
         session; as root each is a small nosymfollow tmpfs). Kept short: a unix socket path has at most 107
-        bytes. Default: /run/broker/rt as root, else $XDG_RUNTIME_DIR/broker-rt (or /tmp/broker-rt-<uid>).""")
+        bytes. Default, one per data root (TAG: 6 hex digits of a hash of data_root's real path):
+        /run/broker/TAG as root, else $XDG_RUNTIME_DIR/broker-TAG (or /tmp/broker-<uid>-TAG).""")
 
     def _ensure_runtime_dir(self) -> None:
         """Create the runtime folder, or check that an existing one is ours
@@ -336,10 +338,14 @@ class SessionManager(LoggingConfigurable):
 
     @default("runtime_dir")
     def _default_runtime_dir(self):
+        # One folder per data root: two brokers on one host (a router's
+        # brokers, tests) hold sessions with the same id after a restore
+        # elsewhere, and one must never unmount or remove the other's sockets.
+        tag = hashlib.sha256(os.path.realpath(self.data_root).encode()).hexdigest()[:6]
         if prereq.is_root():
-            return "/run/broker/rt"
+            return f"/run/broker/{tag}"
         xdg = os.environ.get("XDG_RUNTIME_DIR")
-        return os.path.join(xdg, "broker-rt") if xdg else f"/tmp/broker-rt-{os.getuid()}"
+        return os.path.join(xdg, f"broker-{tag}") if xdg else f"/tmp/broker-{os.getuid()}-{tag}"
 
     idle_timeout_minutes = Float(20, max=60, config=True, help="""Idle cooldown: a session with no call for
         this many minutes ends (its kernel stops; its files go as ended_files says). Every call resets it, and
@@ -1006,8 +1012,10 @@ class SessionManager(LoggingConfigurable):
         s.close_changes()
         try:
             await s.stop_kernel()
-            if keep and s._transcript is not None:
-                await s._transcript.flush()
+            if s._transcript is not None:
+                # Kept: everything written first. Removed: nothing written
+                # after (a delayed write would re-create the folder).
+                await (s._transcript.flush() if keep else s._transcript.discard())
         finally:
             # Even when cancelled (shutdown stops the culler mid-delete): the
             # session is already gone from the table, so nothing else would

@@ -253,6 +253,16 @@ class Transcript:
             if not self._flushing:
                 self._hurry.clear()
 
+    async def discard(self) -> None:
+        """The session ends and its folder goes: drop the changes not yet
+        written and wait for a write in progress, so that no write lands in
+        (or re-creates) a folder being removed."""
+        self._queue.clear()
+        if self._hurry is not None:
+            self._hurry.set()
+        if self._writer is not None and not self._writer.done():
+            await asyncio.gather(asyncio.shield(self._writer), return_exceptions=True)
+
     # -- recording -------------------------------------------------------------------
     # Callers hand over what happened; turning it into cells (output_from_msg,
     # nbformat's validating constructors, JSON encoding) and writing the file

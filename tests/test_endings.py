@@ -35,7 +35,8 @@ RETENTION = 0.003 * 3600      # seconds (ended_retention_hours = 0.003)
 def eb(tmp_path_factory):
     b = PatientBroker(str(tmp_path_factory.mktemp("endings")), "--SessionManager.min_idle_timeout_minutes=0.01",
                       "--SessionManager.idle_timeout_minutes=0.06", "--SessionManager.cull_interval=0.2",
-                      "--SessionManager.pool_size=1", "--SessionManager.pool_refill_delay=0",
+                      "--SessionManager.pool_size=1", "--SessionManager.pool_max_size=1",
+                      "--SessionManager.pool_refill_delay=0",
                       "--SessionManager.ended_files=keep", "--SessionManager.ended_retention_hours=0.003")
     b.start()
     yield b

@@ -32,7 +32,9 @@ pytestmark = [pytest.mark.reliability, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def fb(tmp_path_factory):
+    # write_delay=0: each call's transcript write happens at once, so a kill lands mid-write.
     b = PatientBroker(str(tmp_path_factory.mktemp("faults")), "--SessionManager.pool_size=0",
+                      "--TranscriptSettings.write_delay=0",
                       "--ServeApp.shutdown_grace=3")
     b.start()
     yield b

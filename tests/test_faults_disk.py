@@ -40,6 +40,7 @@ def small_root(tmp_path_factory):
 @pytest.fixture(scope="module")
 def db(small_root, tmp_path_factory):
     b = PatientBroker(str(tmp_path_factory.mktemp("disk")), "--SessionManager.pool_size=0",
+                      "--TranscriptSettings.write_delay=0",
                       "--SandboxSettings.quota=off", data_root=os.path.join(small_root, "sessions"))
     b.start()
     yield b

@@ -342,7 +342,8 @@ def test_unexpected_error_is_logged_with_traceback_and_no_secrets():
     logger.addHandler(lines)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    state = SimpleNamespace(auth=Auth({"tok-secret-1": "alice"}), call_log=CallLog("json", logger), observer=None)
+    state = SimpleNamespace(auth=Auth({"tok-secret-1": "alice"}), call_log=CallLog("json", logger), observer=None,
+                            sessions=SimpleNamespace(snapshots=None, sessions={}))
     rules = [(r"/boom/(?P<sid>[^/]+)", _Boom)]
     state.routes = route_table(rules)
 
@@ -375,7 +376,8 @@ def test_unexpected_error_is_logged_with_traceback_and_no_secrets():
 def test_metrics_for_admins_only_when_the_setting_says_so():
     """ServeApp.metrics_auth=admin: other tokens get 404, like the admin endpoints."""
     state = SimpleNamespace(auth=Auth({"tok-a": "alice", "tok-o": Identity("ops", True)}), call_log=None,
-                            observer=None, metrics=Metrics(None), metrics_auth="admin", routes={})
+                            observer=None, metrics=Metrics(None), metrics_auth="admin", routes={},
+                            sessions=SimpleNamespace(snapshots=None, sessions={}))
 
     async def main():
         app = web.Application(admin.routes, broker=state)
