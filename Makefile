@@ -12,8 +12,9 @@ SHELL_TOOLS := awk:mawk which:debianutils file:file jq:jq sqlite3:sqlite3 zip:zi
 PYTEST_ARGS ?=
 # The suite runs on pytest-xdist workers, one test file per worker at a time
 # (module-scoped kernels and brokers stay shared): most tests wait on kernels
-# rather than burn CPU.  `make test PYTEST_XDIST=` runs it in one process.
-PYTEST_XDIST ?= -n auto --maxprocesses=4 --dist loadfile
+# rather than burn CPU (a serial run on 2 cores keeps under one core busy), so
+# four workers even on two cores.  `make test PYTEST_XDIST=` runs it in one process.
+PYTEST_XDIST ?= -n 4 --dist loadfile
 
 .PHONY: run test install system-deps kernelspec bench bench-quick reliability clean
 
