@@ -191,3 +191,18 @@ def pytest_sessionfinish(session, exitstatus):
         subprocess.run(["umount", "-l", p], capture_output=True)
     if leaked:
         print(f"\nconftest: unmounted {len(leaked)} mount(s) left under {base}: {leaked[:5]}")
+
+
+# Longest first: under pytest-xdist (--dist loadfile) files are handed to
+# workers in collection order, so a long file collected last becomes the run's
+# tail while the other workers idle (nbclient's own suite alone takes about
+# 3 minutes).  The order inside each file is kept.
+LONG_FILES = ("test_nbclient_suite.py", "test_router.py", "test_faults.py", "test_aca.py", "test_continuity.py",
+              "test_client_cli.py", "test_replay.py", "test_transcripts.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+    items.sort(key=rank)      # stable: files and tests keep their order otherwise
