@@ -182,7 +182,7 @@ class Admission(LoggingConfigurable):
             return int(meminfo().get("MemTotal", 0) * float(m.group(1)) / 100)
         return parse_size(self.min_available_memory)
 
-    def _shortfall(self) -> str | None:
+    def shortfall(self) -> str | None:
         """Why a new kernel may not start now, or None when it may."""
         need = self.threshold
         if need <= 0:
@@ -197,14 +197,14 @@ class Admission(LoggingConfigurable):
 
     def check(self) -> None:
         """Raise :class:`MemoryLow` (503, Retry-After) when a new session may not start."""
-        why = self._shortfall()
+        why = self.shortfall()
         if why is not None:
             self.log.warning("refused a new session: %s", why)
             raise MemoryLow(why, self.retry_after)
 
     def allows(self) -> bool:
         """May a pool kernel start now?  Says why in the log when not."""
-        why = self._shortfall()
+        why = self.shortfall()
         if why is not None:
             self.log.warning("pool not refilled: %s", why)
             return False

@@ -7,7 +7,7 @@ import inspect
 
 
 def render() -> str:
-    from broker.app import ServeApp, serve_classes
+    from broker.cli.serve import ServeApp, serve_classes
 
     lines = ["# Configuration", "",
              "Every setting is a traitlets trait: on the command line as `--Class.trait=value`, in a config",

@@ -17,36 +17,10 @@ from __future__ import annotations
 import os
 import secrets
 
-# Below this share of MemTotal available, the broker is not ready for new sessions.
-MIN_AVAILABLE_SHARE = 0.05
-
-
-def meminfo() -> dict[str, int]:
-    out = {}
-    with open("/proc/meminfo") as fh:
-        for line in fh:
-            key, _, rest = line.partition(":")
-            parts = rest.split()
-            if parts and parts[0].isdigit():
-                out[key] = int(parts[0]) * 1024
-    return out
-
-
 def memory_shortfall(sessions) -> str | None:
-    """Why memory admission is closed, or None when it is open.
-
-    This is the one call point for memory admission in readiness: a
-    SessionManager with an admission policy (``sessions.admission``, see
-    broker/admission.py) decides; without one, MemAvailable below 5% of
-    MemTotal closes it."""
-    admission = getattr(sessions, "admission", None)
-    if admission is not None:
-        return admission._shortfall()
-    info = meminfo()
-    total, avail = info.get("MemTotal", 0), info.get("MemAvailable", 0)
-    if total and avail < total * MIN_AVAILABLE_SHARE:
-        return f"memory admission closed: {avail >> 20} MiB available of {total >> 20} MiB"
-    return None
+    """Why memory admission is closed, or None when it is open: the
+    session manager's admission policy decides (broker/admission.py)."""
+    return sessions.admission.shortfall()
 
 
 def kernel_start_problem(sessions) -> str | None:

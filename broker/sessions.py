@@ -42,7 +42,7 @@ import time
 from traitlets import Enum, Float, Integer, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from broker.admission import Admission
+from broker.admission import Admission, meminfo
 from broker.changes import ChangeTracker, ChangeTracking
 from broker.errors import DataRootFull, SandboxError, SessionNotFound, ShuttingDown, TooManySessions
 from broker.execution import Executor, SessionKernel
@@ -716,7 +716,8 @@ class SessionManager(LoggingConfigurable):
             if pooled is not None:
                 self.pool_stats["from_pool"] += 1
                 return self._hand_out(pooled, owner, delay=self.pool_refill_delay)
-            if not env and self._pool_on() and self._may_refill():
+            # Admission was checked just above; only the pool's own memory floor is left.
+            if not env and self._pool_on() and self._pool_memory_ok():
                 # Taken faster than it refills: the pool grows, and this
                 # request waits for the next pooled kernel (first come, first
                 # served) rather than starting a cold one behind the others.
@@ -812,21 +813,20 @@ class SessionManager(LoggingConfigurable):
     def _pool_on(self) -> bool:
         return bool(self.pool_size) and self._pool_enabled and not self._closing
 
+    def _pool_memory_ok(self) -> bool:
+        """Is the machine's MemAvailable at least pool_min_available?"""
+        try:
+            avail = meminfo().get("MemAvailable")
+        except OSError:
+            return True
+        return avail is None or avail >= self.pool_min_available
+
     def _may_refill(self) -> bool:
         """May the pool start a kernel now?  The one place a memory check
         plugs in: not while the machine's available memory is below
         pool_min_available, nor while memory admission is closed
         (broker/admission.py)."""
-        if not self.admission.allows():
-            return False
-        try:
-            with open("/proc/meminfo", "rb") as fh:
-                for line in fh:
-                    if line.startswith(b"MemAvailable:"):
-                        return int(line.split()[1]) * 1024 >= self.pool_min_available
-        except (OSError, ValueError, IndexError):
-            pass
-        return True
+        return self._pool_memory_ok() and self.admission.allows()
 
     def _refill_parallel(self) -> int:
         if self.pool_refill_parallel:

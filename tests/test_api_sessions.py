@@ -251,7 +251,7 @@ class InProcessBroker:
     last activity back, then let the real culler loop find it."""
 
     def __init__(self, workdir, *argv):
-        from broker.app import ServeApp
+        from broker.cli.serve import ServeApp
         from tests.broker_server import TOKENS
 
         os.makedirs(workdir, exist_ok=True)

@@ -16,7 +16,7 @@ def test_configuration_doc_matches_the_traits():
 
 
 def test_help_all_lists_every_setting():
-    from broker.app import serve_classes
+    from broker.cli.serve import serve_classes
 
     out = subprocess.run([sys.executable, "-m", "broker.app", "serve", "--help-all"], capture_output=True,
                          text=True, check=True).stdout

@@ -195,6 +195,14 @@ def test_broker_sigkill_during_transcript_writes(fb):
     fb.delete_session(sid)
 
 
+def _cmdline(p) -> list[str]:
+    """A child's command line; [] for one that exited meanwhile (a zombie or gone)."""
+    try:
+        return p.cmdline()
+    except psutil.Error:
+        return []
+
+
 def test_broker_sigkill_during_kernel_start(fb):
     """A session whose first kernel was starting when the broker died never
     reached its caller: the restart removes it, and leaves no sandbox
@@ -206,7 +214,7 @@ def test_broker_sigkill_during_kernel_start(fb):
 
     def new_launcher():
         fresh = [d for d in os.listdir(fb.data_root) if d not in known and not d.startswith(".")]
-        if fresh and any(fresh[0] in " ".join(p.cmdline()) for p in psutil.Process(fb.proc.pid).children()):
+        if fresh and any(fresh[0] in " ".join(_cmdline(p)) for p in psutil.Process(fb.proc.pid).children()):
             return fresh[0]
         return None
 

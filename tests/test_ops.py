@@ -24,7 +24,7 @@ from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 
-from broker.app import ServeApp
+from broker.cli.serve import ServeApp
 from broker.logs import CallLog
 from broker.metrics import Metrics
 from broker.web import admin

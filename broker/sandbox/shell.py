@@ -155,6 +155,9 @@ def _identity_for(data_dir: str, as_root: bool) -> Identity:
 def _launch(command: list[str], data_dir: str, settings: SandboxSettings, ident: Identity,
             cgroup: "cgroups.Cgroup | None", extra_programs: dict[str, bytes] | None = None) -> bw.Launch:
     """The launch of one shell sandbox running *command* (bwrap argv, fds, env)."""
+    # Imported after prereq.check_all below has run, not at the top: pyseccomp
+    # raises at import when libseccomp is missing, and the broker must answer
+    # with prereq's clear error naming the package instead.
     import broker_seccomp
 
     bwrap_path = prereq.check_all(settings.bwrap)
@@ -226,13 +229,7 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, start_new_session=True, cwd="/")
     finally:
         launch.close_fds()
-    out, err = bytearray(), bytearray()
-    budget = [output_limit]
-    over = asyncio.Event()
-    if progress:
-        progress({"type": "status", "state": "running"})
-    readers = asyncio.gather(_read_capped(proc.stdout, budget, out, over, _reporter(progress, "stdout")),
-                             _read_capped(proc.stderr, budget, err, over, _reporter(progress, "stderr")))
+    out, err, over, readers = _start_readers(proc.stdout, proc.stderr, output_limit, progress)
     waiter = asyncio.ensure_future(proc.wait())
     over_task = asyncio.ensure_future(over.wait())
     timed_out = False
@@ -256,6 +253,19 @@ async def run_shell(command: str, data_dir: str, settings: SandboxSettings, *, t
             cgroup.kill_all()
     code = proc.returncode
     return _result(code, out, err, timed_out, over.is_set(), start)
+
+
+def _start_readers(stdout, stderr, output_limit: int, progress: Callable[[dict], None] | None):
+    """Read a command's two streams into buffers under one output budget
+    (``over`` is set when it is spent); returns (out, err, over, readers)."""
+    out, err = bytearray(), bytearray()
+    budget = [output_limit]
+    over = asyncio.Event()
+    if progress:
+        progress({"type": "status", "state": "running"})
+    readers = asyncio.gather(_read_capped(stdout, budget, out, over, _reporter(progress, "stdout")),
+                             _read_capped(stderr, budget, err, over, _reporter(progress, "stderr")))
+    return out, err, over, readers
 
 
 def _result(code: int | None, out: bytearray, err: bytearray, timed_out: bool, truncated: bool,
@@ -410,13 +420,7 @@ class ShellHelper:
                                                         os.fdopen(fd, "rb", 0))
             transports.append(transport)
             streams.append(reader)
-        out, err = bytearray(), bytearray()
-        budget = [output_limit]
-        over = asyncio.Event()
-        if progress:
-            progress({"type": "status", "state": "running"})
-        readers = asyncio.gather(_read_capped(streams[0], budget, out, over, _reporter(progress, "stdout")),
-                                 _read_capped(streams[1], budget, err, over, _reporter(progress, "stderr")))
+        out, err, over, readers = _start_readers(streams[0], streams[1], output_limit, progress)
         ended = asyncio.ensure_future(self._recv())
         over_task = asyncio.ensure_future(over.wait())
         timed_out = False

@@ -2,8 +2,8 @@
 
 This file is not imported by the broker: its text is passed into the
 sandbox as a read-only file (``/run/sandbox/shell-helper.py``) and run by the
-kernel's interpreter with ``-I -S`` (isolated, no site: the os, select,
-signal and socket modules only).  The sandbox around it is the one every
+kernel's interpreter with ``-I -S`` (isolated, no site: standard-library
+modules only).  The sandbox around it is the one every
 shell command used to get on its own (same bwrap flags, shell seccomp
 profile, uid, cgroup, rlimits); the helper is started once per session and
 spawns each command on request, so a command pays a ``posix_spawn`` instead of
@@ -34,6 +34,7 @@ doubt (its rlimits changed, /tmp cannot be emptied, a write fails) and it
 exits: the sandbox dies with it, and the broker starts a fresh one.
 """
 
+import ctypes
 import os
 import resource
 import select
@@ -99,7 +100,6 @@ def sysv_left():
 def main():
     ctl = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(ctl.fileno(), False)
-    import ctypes      # only for prctl; imported here, after the socket is claimed
     if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:      # PR_SET_DUMPABLE 0
         raise SystemExit("cannot make the helper non-dumpable")
     env = dict(os.environ)

@@ -12,7 +12,7 @@ import time
 
 from broker.errors import SessionNotFound
 from broker.metrics import CONTENT_TYPE, session_usage
-from broker.web.base import BaseHandler, BrokerErrorWithStatus
+from broker.web.base import SID, BaseHandler, BrokerErrorWithStatus
 
 
 def _not_found(handler) -> BrokerErrorWithStatus:
@@ -77,10 +77,9 @@ class MetricsHandler(BaseHandler):
         self.finish(self.state.metrics.render())
 
 
-_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
 routes = [
     (r"/api/whoami/?", WhoamiHandler),
     (r"/api/admin/sessions/?", AdminSessionsHandler),
-    (rf"/api/admin/sessions/{_sid}/?", AdminSessionHandler),
+    (rf"/api/admin/sessions/{SID}/?", AdminSessionHandler),
     (r"/metrics/?", MetricsHandler),
 ]

@@ -22,6 +22,11 @@ from broker.errors import BrokerError, InvalidArgument, SessionNotFound
 from broker.links import Links
 
 
+# A session id in a route (broker/ids.py says what a valid one is; the
+# handlers answer 404 for anything else that matches here).
+SID = r"(?P<sid>[A-Za-z0-9_-]+)"
+
+
 def dumps(obj) -> bytes:
     """JSON as the API sends it: orjson (UTF-8, about ten times faster than the
     json module); what orjson refuses (integers past 64 bits, keys that are not

@@ -10,7 +10,7 @@ from tornado import httputil, web
 
 from broker.errors import InvalidArgument
 from broker.files import FileError, FileTooLarge, guess_type, is_image, normalise
-from broker.web.base import BaseHandler, BrokerErrorWithStatus
+from broker.web.base import SID, BaseHandler, BrokerErrorWithStatus
 
 SLACK = 1 << 20  # multipart framing around the file
 
@@ -170,8 +170,7 @@ class FileHandler(FilesHandler):
         self.finish()
 
 
-_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
 routes = [
-    (rf"/api/sessions/{_sid}/files/?", FilesHandler),
-    (rf"/api/sessions/{_sid}/files/(?P<path>.+)", FileHandler),
+    (rf"/api/sessions/{SID}/files/?", FilesHandler),
+    (rf"/api/sessions/{SID}/files/(?P<path>.+)", FileHandler),
 ]

@@ -16,7 +16,7 @@ from tornado import websocket
 from broker.channels import ChannelConnection, KernelMessage
 from broker.errors import InvalidArgument, NotFound, SessionNotFound
 from broker.execution import SANDBOX_KERNEL, BrokerKernelSpecManager
-from broker.web.base import BaseHandler, Identity
+from broker.web.base import SID, BaseHandler, Identity
 
 V1 = "v1.kernel.websocket.jupyter.org"
 
@@ -320,13 +320,12 @@ class ChannelsHandler(websocket.WebSocketHandler):
                 conn.detach()
 
 
-_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
 routes = [
     (r"/api/kernelspecs/?", KernelSpecsHandler),
     (r"/api/kernelspecs/(?P<name>[^/]+)/?", KernelSpecHandler),
     (r"/kernelspecs/(?P<name>[^/]+)/(?P<path>[^/]+)", KernelSpecResourceHandler),
     (r"/api/kernels/?", KernelsHandler),
-    (rf"/api/kernels/{_sid}/?", KernelHandler),
-    (rf"/api/kernels/{_sid}/(?P<action>interrupt|restart)/?", KernelActionHandler),
-    (rf"/api/kernels/{_sid}/channels", ChannelsHandler),
+    (rf"/api/kernels/{SID}/?", KernelHandler),
+    (rf"/api/kernels/{SID}/(?P<action>interrupt|restart)/?", KernelActionHandler),
+    (rf"/api/kernels/{SID}/channels", ChannelsHandler),
 ]

@@ -23,7 +23,7 @@ import time
 from tornado import web
 
 from broker import __version__
-from broker.web.base import BaseHandler
+from broker.web.base import SID, BaseHandler
 
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
@@ -180,9 +180,8 @@ class WsTicketHandler(BaseHandler):
                          "url": f"/api/kernels/{s.id}/channels"})
 
 
-_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
 routes = [
     (r"/", PageHandler),
     (r"/static/(.*)", StaticHandler, {"path": STATIC_DIR}),
-    (rf"/api/sessions/{_sid}/ws-ticket/?", WsTicketHandler),
+    (rf"/api/sessions/{SID}/ws-ticket/?", WsTicketHandler),
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from broker.web.base import BaseHandler
+from broker.web.base import SID, BaseHandler
 from broker.web.events import stream_tool_call, wants_events
 
 
@@ -47,11 +47,10 @@ class ToolHandler(BaseHandler):
         self.write_json(result)
 
 
-_sid = r"(?P<sid>[A-Za-z0-9_-]+)"
 routes = [
     (r"/api/sessions/?", SessionsHandler),
-    (rf"/api/sessions/{_sid}/?", SessionHandler),
-    (rf"/api/sessions/{_sid}/tools/(?P<name>[^/]+)/?", ToolHandler),
+    (rf"/api/sessions/{SID}/?", SessionHandler),
+    (rf"/api/sessions/{SID}/tools/(?P<name>[^/]+)/?", ToolHandler),
 ]
 
 
@@ -64,4 +63,4 @@ class TranscriptHandler(BaseHandler):
         self.finish(s.transcript.to_json())
 
 
-routes.append((rf"/api/sessions/{_sid}/transcript/?", TranscriptHandler))
+routes.append((rf"/api/sessions/{SID}/transcript/?", TranscriptHandler))
