@@ -74,14 +74,18 @@ def kill_kernel(broker, sid: str) -> None:
     # The kernel is gone for the broker once its launcher (the broker's own
     # child, outside the sandbox) has exited too: bwrap follows its pid 1 a
     # moment later.  Until then the next call could still find it "alive".
-    deadline = time.monotonic() + 10
+    # On a loaded machine (CI runs four test workers on two cores) that
+    # can take seconds; a launcher still running at the deadline fails
+    # here, not as a puzzling answer from the next call.
+    deadline = time.monotonic() + 60
     for launcher in launchers(broker, sid):
-        while time.monotonic() < deadline:
+        while True:
             try:
                 if launcher.status() == psutil.STATUS_ZOMBIE:
                     break
             except psutil.NoSuchProcess:
                 break
+            assert time.monotonic() < deadline, f"the launcher {launcher.pid} outlived its kernel by 60 s"
             time.sleep(0.02)
 
 
