@@ -73,17 +73,32 @@ def kill_rest(reaped):
     raise SystemExit("processes survive SIGKILL")
 
 
-def empty(path):
-    """Remove everything below *path* (owned by this uid; modes restored)."""
+def empty(path, dev=None):
+    """Remove everything below *path* (owned by this uid; modes restored)
+    but the sandbox's own mounts: a folder on another device is a read-only
+    bind that bwrap made (a checkout or virtualenv under the host's /tmp is
+    shown at its own path), kept with the folders leading to it.  Returns
+    whether *path* is left empty.  Anything else that cannot be removed
+    raises OSError, and the helper ends its sandbox."""
+    if dev is None:
+        dev = os.lstat(path).st_dev
     with os.scandir(path) as it:
         entries = list(it)
+    emptied = True
     for e in entries:
-        if e.is_dir(follow_symlinks=False):
-            os.chmod(e.path, 0o700)
-            empty(e.path)
-            os.rmdir(e.path)
+        st = e.stat(follow_symlinks=False)
+        if st.st_dev != dev:
+            emptied = False
+        elif e.is_dir(follow_symlinks=False):
+            if st.st_uid == os.getuid():
+                os.chmod(e.path, 0o700)
+            if empty(e.path, dev):
+                os.rmdir(e.path)
+            else:
+                emptied = False
         else:
             os.unlink(e.path)
+    return emptied
 
 
 def sysv_left():
