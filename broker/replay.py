@@ -274,11 +274,12 @@ class InProcessClient:
         from broker.tools import ToolContext, call_tool
 
         await self.session.transcript.flush()
-        n = len(self.session.transcript.nb.cells)
+        n = self.session.transcript.cell_count
         result = await call_tool(ToolContext(self.session, self.links), tool, args)
         await self.session.transcript.flush()
-        cells = self.session.transcript.nb.cells
-        return result, (cells[n] if len(cells) > n else None)
+        if self.session.transcript.cell_count <= n:
+            return result, None
+        return result, self.session.transcript.cells()[n]
 
     async def close(self):
         import shutil

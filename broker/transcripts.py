@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
+import io
 import json
 import logging
 import os
@@ -93,13 +94,24 @@ class TranscriptSettings(LoggingConfigurable):
 class Transcript:
     """One session's notebook.
 
-    Each change is applied in memory at once and the file is replaced
-    atomically (write, fsync, rename) after it.  Under an event loop the write
-    runs in a worker thread, coalesced (the changes of ``write_delay`` seconds,
-    and several during one write, make one write), so a long transcript never
+    Each change is recorded at once and the file is replaced atomically
+    (write, fsync, rename) after it.  Under an event loop the write runs in a
+    worker thread, coalesced (the changes of ``write_delay`` seconds, and
+    several during one write, make one write), so a long transcript never
     stalls the broker and many small calls do not each rewrite it; without a
     loop (the CLI, plain use) it is written before the call returns.
-    ``flush()`` waits for the file to hold every change."""
+    ``flush()`` waits for the file to hold every change.
+
+    The cells live in the file, not in the broker's memory: a cell is encoded
+    once, when it is recorded, and kept only until a write has put it in the
+    file; the next write copies the cells already written from the previous
+    file (by the offset where they end) and adds the new ones.  The broker's
+    memory therefore stays flat however long a session runs (a 10-minute soak
+    held the whole notebook as objects before, 4x its size on disk).  The
+    upload and download lists in the metadata are kept encoded the same way."""
+
+    HEAD = b'{\n "cells": ['
+    CELLS_END = b'\n ],\n "metadata": '
 
     def __init__(self, path: str, settings: TranscriptSettings, session_id: str):
         self.path = path
@@ -108,12 +120,16 @@ class Transcript:
         self._queue: list = []
         self._writer: asyncio.Task | None = None
         self._error: Exception | None = None
-        self.nb = None
         self._hurry: asyncio.Event | None = None     # set while a flush() waits: no write delay
         self._flushing = 0
+        self._pending: list[bytes] = []   # encoded cells not in the file yet
+        self._cells_end: int | None = None  # offset in self.path where its cells end (our layout)
+        self._count = 0
+        self._mark = f"@@events-{secrets.token_hex(8)}:"
+        nb = None
         if os.path.exists(path):
             try:
-                self.nb = nbformat.read(path, as_version=4)
+                nb = nbformat.read(path, as_version=4)
             except Exception as exc:
                 # Never written over: kept aside for a person to look at.
                 try:
@@ -121,22 +137,45 @@ class Transcript:
                 except OSError as err:
                     raise OSError(err.errno, f"transcript {path} is unreadable and could not be set aside: "
                                   f"{err.strerror}") from exc
-        if self.nb is None:
-            self.nb = new_notebook()
-            self.nb.metadata["kernelspec"] = {"name": "python3-sandbox", "display_name": "Python 3 (sandbox)",
-                                              "language": "python"}
-            self.nb.metadata["language_info"] = {"name": "python"}
-            self.nb.metadata["broker"] = {"session": session_id, "created": now_iso(), "uploads": [],
-                                          "downloads": []}
-        # Each cell is serialised once, when it is added; a write only joins
-        # these (the transcript grows by a cell per call, and re-encoding all
-        # of it each time would cost more with every call).
-        self._cell_json = [self._encode(c) for c in self.nb.cells]
+        if nb is None:
+            nb = new_notebook()
+            nb.metadata["kernelspec"] = {"name": "python3-sandbox", "display_name": "Python 3 (sandbox)",
+                                         "language": "python"}
+            nb.metadata["language_info"] = {"name": "python"}
+            nb.metadata["broker"] = {"session": session_id, "created": now_iso(), "uploads": [], "downloads": []}
+        self._minor = nb.nbformat_minor
+        self._count = len(nb.cells)
+        self._meta = nb.metadata
+        broker_meta = self._meta.setdefault("broker", {})
+        # Lists in metadata.broker (uploads, downloads) grow with the session:
+        # kept encoded, spliced into the metadata when it is written.
+        self._events = {k: [self._encode(e, "    ").encode() for e in v]
+                        for k, v in broker_meta.items() if isinstance(v, list)}
+        for k in self._events:
+            broker_meta[k] = self._mark + k
+        if nb.cells:
+            with open(path, "rb") as fh:
+                text = fh.read()
+            at = text.find(self.CELLS_END)
+            if text.startswith(self.HEAD) and at > len(self.HEAD):
+                self._cells_end = at            # written in our layout: copied as it is
+            else:
+                self._pending = [self._encode(c).encode() for c in nb.cells]
+            del text
 
     @staticmethod
     def _encode(obj, indent: str = "  ") -> str:
         text = json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False)
         return indent + text.replace("\n", "\n" + indent)
+
+    @property
+    def cell_count(self) -> int:
+        """Cells recorded so far (written or not)."""
+        return self._count
+
+    def cells(self) -> list:
+        """Every cell, read back (for replay and tests; the broker keeps none)."""
+        return nbformat.reads(self.to_json(), as_version=4).cells
 
     # -- helpers -----------------------------------------------------------------
     def _cut(self, text: str) -> str:
@@ -170,31 +209,61 @@ class Transcript:
             out["traceback"] = [self._cut(line) for line in out.get("traceback", [])][:200]
         return out
 
-    def _snapshot(self) -> str:
-        """The whole notebook as JSON (nbformat v4, indent 1, sorted keys)."""
-        with self._lock:
-            cells = list(self._cell_json)
-            meta = json.dumps(self.nb.metadata, indent=1, sort_keys=True, ensure_ascii=False).replace("\n", "\n ")
-            minor = self.nb.nbformat_minor
-        body = ",\n".join(cells)
-        return (f'{{\n "cells": [\n{body}\n ],\n "metadata": {meta},\n "nbformat": 4,\n '
-                f'"nbformat_minor": {minor}\n}}\n') if cells else \
-            f'{{\n "cells": [],\n "metadata": {meta},\n "nbformat": 4,\n "nbformat_minor": {minor}\n}}\n'
+    def _tail(self) -> bytes:
+        """Everything after the cells: the metadata (nbformat's layout:
+        indent 1, sorted keys), with the event lists spliced in."""
+        meta = json.dumps(self._meta, indent=1, sort_keys=True, ensure_ascii=False).replace("\n", "\n ")
+        for kind, entries in self._events.items():
+            listed = "[\n" + ",\n".join(e.decode() for e in entries) + "\n   ]" if entries else "[]"
+            meta = meta.replace(json.dumps(self._mark + kind), listed, 1)
+        return (self.CELLS_END + meta.encode() +
+                f',\n "nbformat": 4,\n "nbformat_minor": {self._minor}\n}}\n'.encode())
+
+    def _compose(self, out, pending: list[bytes], tail: bytes) -> int:
+        """Write the notebook to the binary file *out*: the cells already in
+        the file, then *pending*, then *tail*.  Returns the offset where the
+        cells end.  Called with the lock held, or by the only writer."""
+        out.write(self.HEAD)
+        have = False
+        if self._cells_end is not None:
+            left = self._cells_end - len(self.HEAD)
+            with open(self.path, "rb") as old:
+                old.seek(len(self.HEAD))
+                while left > 0:
+                    chunk = old.read(min(left, 1 << 20))
+                    if not chunk:
+                        raise OSError(f"transcript {self.path} is shorter than the broker wrote it")
+                    out.write(chunk)
+                    left -= len(chunk)
+            have = True
+        for cell in pending:
+            out.write(b",\n" if have else b"\n")
+            out.write(cell)
+            have = True
+        end = out.tell()
+        out.write(tail)
+        return end
 
     def _save(self) -> None:
         d = os.path.dirname(self.path)
         if not os.path.isdir(d):
             return   # the session was deleted meanwhile
-        text = self._snapshot()
+        with self._lock:
+            pending = list(self._pending)
+            tail = self._tail()
         tmp = os.path.join(d, f".transcript.{secrets.token_hex(4)}.tmp")
         try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text)
+            with open(tmp, "wb") as fh:
+                end = self._compose(fh, pending, tail)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
+            with self._lock:
+                os.replace(tmp, self.path)
+                self._cells_end = end if (self._cells_end is not None or pending) else None
+                del self._pending[:len(pending)]
         except BaseException:
-            # A failed write (disk full) leaves the previous version and no temporary file.
+            # A failed write (disk full) leaves the previous version and no
+            # temporary file; the cells not written wait for the next write.
             try:
                 os.unlink(tmp)
             except OSError:
@@ -238,7 +307,7 @@ class Transcript:
                 logging.getLogger("broker").error("could not write transcript %s: %s", self.path, exc)
 
     async def flush(self) -> None:
-        """Wait until the notebook and the file hold every change made so far."""
+        """Wait until the file holds every change made so far."""
         if self._hurry is None:
             self._hurry = asyncio.Event()
         self._flushing += 1
@@ -319,8 +388,11 @@ class Transcript:
             if item[0] == "event":
                 _, kind, entry = item
                 with self._lock:
-                    entry["before_cell"] = len(self.nb.cells)
-                    self.nb.metadata["broker"].setdefault(kind, []).append(entry)
+                    entry["before_cell"] = self._count
+                    if kind not in self._events:
+                        self._events[kind] = []
+                        self._meta["broker"][kind] = self._mark + kind
+                    self._events[kind].append(self._encode(entry, "    ").encode())
                 continue
             _, code, outputs, tool, status, count, started, ended, extra = item
             # The fields of nbformat's new_code_cell, without its validation
@@ -333,12 +405,15 @@ class Transcript:
             meta = {"tool": tool, "status": status}
             meta.update(extra or {})
             cell.metadata["broker"] = meta
-            encoded = self._encode(cell)
+            encoded = self._encode(cell).encode()
             with self._lock:
-                self.nb.cells.append(cell)
-                self._cell_json.append(encoded)
+                self._pending.append(encoded)
+                self._count += 1
 
     def to_json(self) -> str:
         """The notebook as written to disk (nbformat's layout), so what the
         endpoint serves and what ``broker transcript`` prints are the same bytes."""
-        return self._snapshot()
+        buf = io.BytesIO()
+        with self._lock:
+            self._compose(buf, self._pending, self._tail())
+        return buf.getvalue().decode("utf-8")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import json
 import os
 import threading
 
@@ -500,3 +501,50 @@ def test_transcript_continues_after_a_broker_restart(tmp_path_factory):
         assert nb.metadata.broker.session == sid
     finally:
         b.stop()
+
+
+def test_transcript_cells_live_in_the_file_not_in_memory(tmp_path):
+    """A long session's transcript does not grow the broker: recorded cells
+    are kept only until written, and each write copies the cells already in
+    the file.  The file keeps nbformat's layout (indent 1, sorted keys), and a
+    transcript read back (a broker restarted) goes on from where it was."""
+    import tracemalloc
+
+    from broker.transcripts import Transcript, TranscriptSettings, now_iso
+
+    path = str(tmp_path / "transcript.ipynb")
+    sid = "00000000-0000-4000-8000-000000000000"
+    t = Transcript(path, TranscriptSettings(), sid)
+    text = "x" * 10_000 + "\n"
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(200):
+            t.add_code(f"print({i})", [{"output_type": "stream", "name": "stdout", "text": text}],
+                       tool="ExecutePythonCode", status="success", execution_count=i + 1,
+                       started=now_iso(), ended=now_iso())
+            t.add_event("uploads", {"path": f"/mnt/data/f{i}"})
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    size = os.path.getsize(path)
+    assert size > 2_000_000
+    assert held < size / 10, f"the transcript object holds {held} bytes for a {size}-byte file"
+    raw = open(path, encoding="utf-8").read()
+    assert raw == json.dumps(json.loads(raw), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    nb = nbformat.reads(raw, as_version=4)
+    nbformat.validate(nb)
+    assert len(nb.cells) == t.cell_count == 200 and nb.cells[199].source == "print(199)"
+    assert [u["before_cell"] for u in nb.metadata.broker.uploads][:3] == [1, 2, 3]
+    assert t.to_json() == raw
+
+    again = Transcript(path, TranscriptSettings(), sid)
+    again.add_code("print('after')", [], tool="ExecutePythonCode", status="success", execution_count=1,
+                   started=now_iso(), ended=now_iso())
+    again.add_event("downloads", {"path": "/mnt/data/out.csv"})
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    assert [c.source for c in nb.cells][-2:] == ["print(199)", "print('after')"]
+    assert len(nb.metadata.broker.uploads) == 200
+    assert nb.metadata.broker.downloads[0]["before_cell"] == 201
+    assert [c.source for c in again.cells()] == [c.source for c in nb.cells]
