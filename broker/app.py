@@ -24,7 +24,7 @@ import os
 import sys
 
 from traitlets import Bool, Unicode
-from traitlets.config import Application, catch_config_error
+from traitlets.config import Application
 from traitlets.utils.importstring import import_item
 
 from broker import __version__
@@ -223,10 +223,6 @@ class BrokerApp(Application):
         from broker.cli.serve import serve_classes
 
         return serve_classes()
-
-    @catch_config_error
-    def initialize(self, argv=None):
-        super().initialize(argv)
 
     def start(self):
         if self.subapp is None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import inspect
 
+from broker.cli.serve import ServeApp, serve_classes
+
 
 def render() -> str:
-    from broker.cli.serve import ServeApp, serve_classes
-
     lines = ["# Configuration", "",
              "Every setting is a traitlets trait: on the command line as `--Class.trait=value`, in a config",
              "file (`broker serve --config broker_config.py` with `c.Class.trait = value`, or JSON), and",

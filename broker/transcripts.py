@@ -127,9 +127,12 @@ class Transcript:
         self._count = 0
         self._mark = f"@@events-{secrets.token_hex(8)}:"
         nb = None
+        raw = b""
         if os.path.exists(path):
             try:
-                nb = nbformat.read(path, as_version=4)
+                with open(path, "rb") as fh:
+                    raw = fh.read()
+                nb = nbformat.reads(raw.decode("utf-8"), as_version=4)
             except Exception as exc:
                 # Never written over: kept aside for a person to look at.
                 try:
@@ -154,14 +157,11 @@ class Transcript:
         for k in self._events:
             broker_meta[k] = self._mark + k
         if nb.cells:
-            with open(path, "rb") as fh:
-                text = fh.read()
-            at = text.find(self.CELLS_END)
-            if text.startswith(self.HEAD) and at > len(self.HEAD):
+            at = raw.find(self.CELLS_END)
+            if raw.startswith(self.HEAD) and at > len(self.HEAD):
                 self._cells_end = at            # written in our layout: copied as it is
             else:
                 self._pending = [self._encode(c).encode() for c in nb.cells]
-            del text
 
     @staticmethod
     def _encode(obj, indent: str = "  ") -> str:
